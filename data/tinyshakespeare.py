@@ -1,0 +1,51 @@
+"""Prepare Tiny Shakespeare: python -m data.tinyshakespeare [--input PATH] [--out_dir data/tinyshakespeare]
+
+Tokenizes Karpathy's char-rnn corpus (1,115,394 characters, 338,025 GPT-2 tokens) and writes it, whole and in
+order, as one train shard: the step-49 experiment trains on exactly this token stream, from its start.
+"""
+import argparse
+import hashlib
+import os
+import urllib.request
+
+import numpy as np
+
+from data.shards import write_shard
+from data.tokenizer import gpt2_encoding
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def download():
+    try:
+        with urllib.request.urlopen(URL, timeout=30) as r:
+            raw = r.read()
+    except OSError as e:
+        raise SystemExit(f"could not download {URL}: {e}\nDownload input.txt elsewhere and pass --input PATH.")
+    if hashlib.sha256(raw).hexdigest() != SHA256:
+        raise SystemExit(f"{URL} returned a file whose sha256 is not the canonical one; pass --input PATH instead.")
+    return raw.decode("utf-8")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input", help="a local copy of input.txt (or any UTF-8 text) instead of downloading")
+    p.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyshakespeare"))
+    args = p.parse_args(argv)
+
+    enc = gpt2_encoding()  # first: without the BPE files nothing else is worth doing
+    if args.input:
+        with open(args.input, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = download()
+    tokens = np.array(enc.encode_ordinary(text), dtype=np.uint16)
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "tinyshakespeare_train_000000.bin")
+    write_shard(path, tokens)
+    print(f"wrote {len(tokens):,} tokens to {path}")
+
+
+if __name__ == "__main__":
+    main()

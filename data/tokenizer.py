@@ -1,0 +1,14 @@
+"""GPT-2's BPE through tiktoken, with an error that says what to do when its files cannot be fetched."""
+
+
+def gpt2_encoding():
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises whatever its HTTP client raised
+        raise RuntimeError(
+            "could not load the GPT-2 BPE files (tiktoken downloads them on first use): "
+            f"{type(e).__name__}: {e}. Without internet, put them in a directory and set TIKTOKEN_CACHE_DIR to it "
+            "(see README); training on already prepared tokens needs neither."
+        ) from e

@@ -1,0 +1,165 @@
+"""GPT-2 in one file: the model, its initialisation, sampling, and loading OpenAI's weights from Hugging Face.
+
+The only thing that varies between runs of the step-49 experiment is `GPTConfig.attention`, the name of the
+function (see attention/) that turns q, k, v into the attention output.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import get_attention
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position embedding covers
+    vocab_size: int = 50257  # GPT-2 BPE: 50,000 merges + 256 byte tokens + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    attention: str = "sdpa"  # naive | sdpa | triton
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE = True
+        self.attend = get_attention(config.attention)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, H, T, D): strided views, no copies; each backend takes them as they are.
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = self.attend(q, k, v)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # the approximation GPT-2 was trained with
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        # Pre-LayerNorm: the residual stream itself is never normalised, so gradients flow straight through it.
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: the input embedding and the output projection are one matrix (as in GPT-2).
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE", False):
+                # Each block adds two projections to the residual stream; scale them so that its variance
+                # does not grow with depth (GPT-2 paper, section 2.3).
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        """Parameters counted once each (the tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens, each from the top_k most likely (None: all)."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            logits, _ = self(context)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            next_token = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+    @classmethod
+    def from_pretrained(cls, model_type, attention="sdpa"):
+        """OpenAI's GPT-2 weights ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") via Hugging Face."""
+        sizes = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
+                 "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+        if model_type not in sizes:
+            raise ValueError(f"unknown model_type {model_type!r}; choose one of: {', '.join(sizes)}")
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError as e:
+            raise ImportError("from_pretrained needs the optional package transformers: pip install transformers") from e
+        return cls.from_huggingface(GPT2LMHeadModel.from_pretrained(model_type), attention)
+
+    @classmethod
+    def from_huggingface(cls, hf_model, attention="sdpa"):
+        """Copy the weights of a transformers GPT2LMHeadModel into a GPT of the same shape."""
+        c = hf_model.config
+        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                              n_head=c.n_head, n_embd=c.n_embd, attention=attention))
+        ours = model.state_dict()
+        theirs = {k: v for k, v in hf_model.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        if set(ours) != set(theirs):
+            raise ValueError(f"parameter names differ: only ours {sorted(set(ours) - set(theirs))}, "
+                             f"only theirs {sorted(set(theirs) - set(ours))}")
+        # OpenAI's checkpoint uses Conv1D modules, whose weights are the transpose of nn.Linear's.
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for name, tensor in theirs.items():
+                ours[name].copy_(tensor.t() if name.endswith(conv1d) else tensor)
+        return model
+
