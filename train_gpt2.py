@@ -216,7 +216,7 @@ def summarize(rows, cfg, env, world):
     else:
         timing = f"{mean_ms:.2f} ms/step, mean over steps {timed[0]['step']}-{timed[-1]['step']}"
         if cfg.timing_warmup:
-            timing += f" (steps 0-{cfg.timing_warmup - 1} left out as warm-up)"
+            timing += f" (the first {cfg.timing_warmup} left out as warm-up)"
     return dict(**env, world_size=world, config=flat_config(cfg), final_step=rows[-1]["step"],
                 final_loss=rows[-1]["loss"], mean_ms=mean_ms, timing=timing,
                 mean_tok_per_s=cfg.batch_size * cfg.seq_len * world / (mean_ms / 1e3) if timed else None,

@@ -1,0 +1,148 @@
+"""What does flash attention buy on this GPU? The step-49 experiment for every backend, compile on and off.
+
+    python scripts/compare_attention.py                                   # naive, sdpa, triton x compile on, off
+    python scripts/compare_attention.py --backends naive sdpa --compile on --nproc 8
+    python scripts/compare_attention.py --config tiny -- --max_steps 5    # flags after -- go to train_gpt2.py
+
+Each run is its own process through the real entry point (train_gpt2.py, under torchrun when --nproc > 1) and
+keeps its files under results/runs/<gpu>/<backend>-<compile|eager>/. The table is built from those runs'
+summary.json files only. A run that fails or runs out of memory becomes a row that says so.
+Writes results/compare_<gpu>.json, .md (the table) and .png (loss curves and ms/step bars).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from attention import BACKENDS  # noqa: E402
+from train_gpt2 import gpu_slug  # noqa: E402
+
+
+def run_one(backend, compile, args, out_dir):
+    """Train once; return the table row for it."""
+    mode = "compile" if compile else "eager"
+    launcher = [sys.executable] if args.nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    cmd = launcher + [os.path.join(ROOT, "train_gpt2.py"), "--config", args.config, "--attention", backend,
+                      "--compile", str(compile).lower(), "--out_dir", out_dir, *args.overrides]
+    print(f"== {backend} {mode}: {' '.join(cmd)}", flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "log.txt")
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path) as log:
+        lines = log.read().splitlines()
+    summary_path = os.path.join(out_dir, "summary.json")
+    row = dict(backend=backend, compile=compile, out_dir=os.path.relpath(out_dir, ROOT))
+    if proc.returncode != 0 or not os.path.exists(summary_path):
+        oom = any("out of memory" in line.lower() for line in lines)
+        row.update(status="out of memory" if oom else f"failed (exit {proc.returncode})",
+                   error=next((l for l in reversed(lines) if l.strip()), ""))
+        print(f"   {row['status']}: {row['error']}", flush=True)
+        return row, None
+    with open(summary_path) as f:
+        summary = json.load(f)
+    row.update(status="ok", final_step=summary["final_step"], loss=summary["final_loss"], ms=summary["mean_ms"],
+               tok_per_s=summary["mean_tok_per_s"], peak_mem_gib=summary["peak_mem_gib"])
+    print(f"   {lines[-1]}", flush=True)
+    return row, summary
+
+
+def add_comparisons(rows):
+    """Δloss against sdpa and speed-up against naive, each within the same compile mode."""
+    by_key = {(r["backend"], r["compile"]): r for r in rows if r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        sdpa, naive = by_key.get(("sdpa", r["compile"])), by_key.get(("naive", r["compile"]))
+        r["dloss_vs_sdpa"] = r["loss"] - sdpa["loss"] if sdpa else None
+        r["speedup_vs_naive"] = naive["ms"] / r["ms"] if naive and naive["ms"] and r["ms"] else None
+
+
+def markdown_table(rows):
+    def fmt(value, spec):
+        return "–" if value is None else format(value, spec)
+
+    lines = ["| backend | torch.compile | loss at last step | Δloss vs sdpa | ms/step | tokens/s | peak memory (GiB) | speed-up vs naive |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mode = "on" if r["compile"] else "off"
+        if r["status"] != "ok":
+            lines.append(f"| {r['backend']} | {mode} | {r['status']} | | | | | |")
+            continue
+        lines.append(f"| {r['backend']} | {mode} | {r['loss']:.4f} (step {r['final_step']}) | {fmt(r['dloss_vs_sdpa'], '+.4f')} "
+                     f"| {fmt(r['ms'], '.1f')} | {fmt(r['tok_per_s'], ',.0f')} | {r['peak_mem_gib']:.1f} "
+                     f"| {fmt(r['speedup_vs_naive'], '.2f')}{'×' if r['speedup_vs_naive'] else ''} |")
+    return "\n".join(lines)
+
+
+def plot(rows, summaries, title, path):
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_ms) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        if r["status"] == "ok":
+            s = summaries[(r["backend"], r["compile"])]
+            ax_loss.plot(s["loss"], label=f"{r['backend']} ({'compile' if r['compile'] else 'eager'})",
+                         linestyle="-" if r["compile"] else "--")
+    ax_loss.set(xlabel="step", ylabel="training loss", title="loss per step")
+    ax_loss.legend()
+    labels = [f"{r['backend']}\n{'compile' if r['compile'] else 'eager'}" for r in rows]
+    heights = [r["ms"] if r["status"] == "ok" and r["ms"] else 0 for r in rows]
+    bars = ax_ms.bar(labels, heights, color=["C0" if r["compile"] else "C7" for r in rows])
+    for bar, r in zip(bars, rows):
+        ax_ms.annotate(f"{r['ms']:.1f}" if r["status"] == "ok" and r["ms"] else r["status"],
+                       (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax_ms.set(ylabel="ms per step (mean after warm-up)", title="time per step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--compile", nargs="+", default=["on", "off"], choices=["on", "off"])
+    p.add_argument("--config", default="step49")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run, through torchrun")
+    p.add_argument("--results_dir", default=os.path.join(ROOT, "results"))
+    p.add_argument("overrides", nargs="*", help="flags for train_gpt2.py, after --")
+    args = p.parse_args(argv)
+
+    import torch  # after argument parsing, so that --help is instant
+
+    gpu = gpu_slug(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    rows, summaries = [], {}
+    for compile in [c == "on" for c in args.compile]:
+        for backend in args.backends:
+            out_dir = os.path.join(args.results_dir, "runs", gpu, f"{backend}-{'compile' if compile else 'eager'}")
+            row, summary = run_one(backend, compile, args, out_dir)
+            rows.append(row)
+            if summary:
+                summaries[(backend, compile)] = summary
+    add_comparisons(rows)
+
+    first = next(iter(summaries.values()), {})
+    env = {k: first.get(k) for k in ("gpu", "torch", "triton", "cuda", "cudnn", "python", "date")}
+    title = f"step-49 experiment ({args.config}) on {env['gpu'] or 'CPU'}"
+    report = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv), config=args.config,
+                  nproc=args.nproc, overrides=args.overrides, **env,
+                  timing=first.get("timing"), rows=rows)
+    base = os.path.join(args.results_dir, f"compare_{gpu}")
+    with open(f"{base}.json", "w") as f:
+        json.dump(report, f, indent=2)
+    table = markdown_table(rows)
+    with open(f"{base}.md", "w") as f:
+        f.write(f"{title}\n\n{table}\n")
+    plot(rows, summaries, title, f"{base}.png")
+    print(f"\n{title}\n{table}\nwrote {base}.json, .md, .png")
+
+
+if __name__ == "__main__":
+    main()

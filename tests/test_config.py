@@ -1,0 +1,70 @@
+import glob
+import os
+
+import pytest
+
+from train_gpt2 import CONFIG_DIR, ConfigError, load_config
+
+
+def test_both_flag_forms():
+    assert load_config(["--attention", "naive"]).model.attention == "naive"
+    assert load_config(["--attention=naive"]).model.attention == "naive"
+    cfg = load_config(["--batch_size=3", "--learning_rate", "1", "--compile", "false", "--n_layer", "2"])
+    assert (cfg.batch_size, cfg.learning_rate, cfg.compile, cfg.model.n_layer) == (3, 1.0, False, 2)
+    assert isinstance(cfg.learning_rate, float)
+    assert load_config(["--compile=false", "--compile"]).compile is True  # a bare boolean flag means true
+
+
+def test_flags_override_the_file():
+    cfg = load_config(["--config", "step49", "--attention", "naive", "--max_steps", "7"])
+    assert (cfg.model.attention, cfg.max_steps, cfg.batch_size) == ("naive", 7, 16)
+    assert load_config(["--max_steps", "7", "--config", "step49"]).max_steps == 7  # order does not matter
+
+
+def test_unknown_flag_suggests_the_closest_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'atention'; did you mean --attention\?"):
+        load_config(["--atention", "sdpa"])
+
+
+def test_wrong_types_name_the_field():
+    with pytest.raises(ConfigError, match="batch_size must be int, got '8.5'"):
+        load_config(["--batch_size", "8.5"])
+    with pytest.raises(ConfigError, match="compile must be bool"):
+        load_config(["--compile", "maybe"])
+    with pytest.raises(ConfigError, match="--n_layer needs a value"):
+        load_config(["--n_layer"])
+    with pytest.raises(ConfigError, match="expected --key value"):
+        load_config(["sdpa"])
+
+
+def test_bad_choices_and_values():
+    with pytest.raises(ConfigError, match="naive, sdpa, triton"):
+        load_config(["--attention", "flsh"])
+    with pytest.raises(ConfigError, match=r"n_embd \(30\) must be divisible by n_head \(4\)"):
+        load_config(["--n_embd", "30", "--n_head", "4"])
+    with pytest.raises(ConfigError, match=r"seq_len \(2048\) exceeds block_size \(1024\)"):
+        load_config(["--seq_len", "2048"])
+    with pytest.raises(ConfigError, match="batch_size must be at least 1"):
+        load_config(["--batch_size", "0"])
+    with pytest.raises(ConfigError, match="device 'tpu'"):
+        load_config(["--device", "tpu"])
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('atention = "sdpa"\n')
+    with pytest.raises(ConfigError, match=rf"{bad}: unknown key 'atention'; did you mean --attention\?"):
+        load_config(["--config", str(bad)])
+    bad.write_text("batch_size = 8.5\n")
+    with pytest.raises(ConfigError, match=rf"{bad}: batch_size must be int, got 8.5"):
+        load_config(["--config", str(bad)])
+    bad.write_text("batch_size = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="not found; give a path or one of: .*step49"):
+        load_config(["--config", "nope"])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "*.toml"))))
+def test_every_config_file_loads(path):
+    load_config(["--config", path])

@@ -1,0 +1,98 @@
+import os
+
+import numpy as np
+import pytest
+
+from data import tinyshakespeare
+from data.shards import HEADER_INTS, ShardLoader, read_shard, write_shard
+
+
+def make_shard(tmp_path, n, name="x_train_000000.bin"):
+    tokens = np.arange(n, dtype=np.uint16)  # token i is i: positions are readable in the batches
+    write_shard(tmp_path / name, tokens)
+    return tokens
+
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 50257, 1000).astype(np.uint16)
+    write_shard(tmp_path / "a_train_000000.bin", tokens)
+    assert np.array_equal(read_shard(tmp_path / "a_train_000000.bin"), tokens)
+    assert not os.path.exists(tmp_path / "a_train_000000.bin.tmp")
+
+
+def test_truncated_and_foreign_shards_are_refused(tmp_path):
+    make_shard(tmp_path, 100)
+    path = tmp_path / "x_train_000000.bin"
+    with open(path, "r+b") as f:
+        f.truncate(4 * HEADER_INTS + 2 * 50)
+    with pytest.raises(ValueError, match="truncated"):
+        read_shard(path)
+    (tmp_path / "y.bin").write_bytes(b"hello world" * 200)
+    with pytest.raises(ValueError, match="not a token shard"):
+        read_shard(tmp_path / "y.bin")
+
+
+def test_loader_order_and_wrap_around(tmp_path):
+    make_shard(tmp_path, 50)
+    B, T = 2, 4  # 8 tokens a step; windows of 9; the last full window starts at 40 (needs tokens 40..48)
+    loader = ShardLoader(tmp_path, "train", B, T)
+    starts = []
+    for _ in range(7):
+        x, y = loader.next_batch()
+        starts.append(int(x[0, 0]))
+        expected = np.arange(starts[-1], starts[-1] + B * T + 1)
+        assert x.tolist() == expected[:-1].reshape(B, T).tolist()
+        assert y.tolist() == expected[1:].reshape(B, T).tolist()
+    assert starts == [0, 8, 16, 24, 32, 40, 0]
+
+
+def test_loader_rank_offsets(tmp_path):
+    make_shard(tmp_path, 60)
+    B, T, world = 1, 5, 3  # each rank's window starts at rank*5 and advances by 15; wraps when past 60
+    seen = {}
+    for rank in range(world):
+        loader = ShardLoader(tmp_path, "train", B, T, rank=rank, world=world)
+        seen[rank] = [int(loader.next_batch()[0][0, 0]) for _ in range(5)]
+    # rank 1 still fits a window at 50 (tokens 50..55); rank 2 at 55 would need token 60, so it wraps
+    assert seen == {0: [0, 15, 30, 45, 0], 1: [5, 20, 35, 50, 5], 2: [10, 25, 40, 10, 25]}
+
+
+def test_loader_cycles_through_shards(tmp_path):
+    write_shard(tmp_path / "x_train_000000.bin", np.arange(0, 20, dtype=np.uint16))
+    write_shard(tmp_path / "x_train_000001.bin", np.arange(100, 120, dtype=np.uint16))
+    loader = ShardLoader(tmp_path, "train", 1, 8)
+    assert [int(loader.next_batch()[0][0, 0]) for _ in range(5)] == [0, 8, 100, 108, 0]
+
+
+def test_loader_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ShardLoader(tmp_path / "missing", "train", 1, 4)
+    with pytest.raises(FileNotFoundError, match="no 'train' shards"):
+        ShardLoader(tmp_path, "train", 1, 4)
+    make_shard(tmp_path, 8)
+    with pytest.raises(ValueError, match="x_train_000000.bin: 8 tokens, fewer than one step"):
+        ShardLoader(tmp_path, "train", 2, 4)
+    with pytest.raises(ValueError, match="token id 7 >= vocab_size 5"):
+        ShardLoader(tmp_path, "train", 1, 4, vocab_size=5)
+
+
+def test_prepare_tinyshakespeare_from_local_text(tmp_path):
+    import tiktoken
+
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+    (tmp_path / "input.txt").write_text(text)
+    tinyshakespeare.main(["--input", str(tmp_path / "input.txt"), "--out_dir", str(tmp_path / "out")])
+    tokens = read_shard(tmp_path / "out" / "tinyshakespeare_train_000000.bin")
+    assert tokens.tolist() == tiktoken.get_encoding("gpt2").encode(text)
+
+
+def test_prepare_without_bpe_files_names_the_fix(tmp_path, monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    (tmp_path / "input.txt").write_text("hello")
+    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
+        tinyshakespeare.main(["--input", str(tmp_path / "input.txt"), "--out_dir", str(tmp_path / "out")])

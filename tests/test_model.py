@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+
+TINY = dict(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
+
+
+def test_gpt2_124m_parameter_count():
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = GPT(GPTConfig())
+    assert model.num_params() == 124_439_808
+
+
+def test_weight_tying():
+    model = GPT(GPTConfig(**TINY))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    idx = torch.randint(0, 101, (2, 8))
+    _, loss = model(idx, idx)
+    loss.backward()
+    # One tensor receives the gradient of both uses.
+    assert model.transformer.wte.weight.grad is not None and model.transformer.wte.weight.grad.abs().sum() > 0
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=4, n_head=4, n_embd=256))
+    block = model.transformer.h[0]
+    assert abs(block.attn.c_attn.weight.std().item() - 0.02) < 1e-3
+    for proj in (block.attn.c_proj, block.mlp.c_proj):  # residual projections: 0.02 / sqrt(2 * n_layer)
+        assert abs(proj.weight.std().item() - 0.02 / 8**0.5) < 5e-4
+    assert all(torch.all(m.bias == 0) for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    assert isinstance(block.mlp.gelu, torch.nn.GELU) and block.mlp.gelu.approximate == "tanh"
+
+
+def test_loss_is_cross_entropy_of_logits():
+    model = GPT(GPTConfig(**TINY))
+    idx, targets = torch.randint(0, 101, (2, 8)), torch.randint(0, 101, (2, 8))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 8, 101)
+    expected = -torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None]).mean()
+    torch.testing.assert_close(loss.double(), expected)
+
+
+def test_sequence_longer_than_block_size_fails():
+    model = GPT(GPTConfig(**TINY))
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_generate_top1_is_greedy():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY)).eval()
+    idx = torch.randint(0, 101, (2, 3))
+    out = model.generate(idx, max_new_tokens=40, top_k=1)  # runs past block_size: the context is cropped
+    assert out.shape == (2, 43) and torch.equal(out[:, :3], idx)
+    greedy = idx
+    for _ in range(40):
+        logits, _ = model(greedy[:, -32:])
+        greedy = torch.cat([greedy, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, greedy)
+
+
+def test_import_from_huggingface_gives_same_logits():
+    import transformers  # optional for users, installed for the tests (requirements-dev.txt)
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_positions=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():  # HF initialises biases to zero; randomise them so that a mix-up would show
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    for attention in ("naive", "sdpa"):
+        model = GPT.from_huggingface(hf, attention=attention).eval()
+        idx = torch.randint(0, 101, (2, 20))
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=1e-5)
