@@ -76,3 +76,24 @@ def test_import_from_huggingface_gives_same_logits():
         idx = torch.randint(0, 101, (2, 20))
         with torch.no_grad():
             torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_backend_compiled_fullgraph_trains_like_sdpa():
+    """The whole model with our kernel inside torch.compile(fullgraph=True) (a graph break would raise) takes the
+    same optimizer steps as eager sdpa. T=20 is not a multiple of any block size; D = 32/2 = 16."""
+    losses = {}
+    for attention in ("sdpa", "triton"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32, attention=attention))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        forward = torch.compile(model, fullgraph=True) if attention == "triton" else model
+        g = torch.Generator().manual_seed(1)
+        losses[attention] = []
+        for _ in range(3):
+            idx = torch.randint(0, 101, (2, 21), generator=g)
+            _, loss = forward(idx[:, :-1], idx[:, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[attention].append(loss.item())
+    torch.testing.assert_close(losses["triton"], losses["sdpa"], atol=1e-4, rtol=0)
