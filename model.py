@@ -103,6 +103,15 @@ class GPT(nn.Module):
         """Parameters counted once each (the tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token, the numerator of MFU (PaLM paper, appendix B): 6 per matrix weight (2 in
+        the forward matmul, 4 in the backward; the tied embedding counts once, as lm_head; position embeddings
+        are a lookup), plus 12·n_layer·n_embd·T for q@kᵀ and att@v, counted in full, without the causal halving.
+        Biases, LayerNorm and softmax are left out, as in PyTorch's FLOP counter."""
+        c = self.config
+        n_matmul = sum(p.numel() for p in self.parameters() if p.dim() == 2) - self.transformer.wpe.weight.numel()
+        return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
+
     def forward(self, idx, targets=None):
         B, T = idx.size()
         if T > self.config.block_size:

@@ -198,6 +198,17 @@ def environment(device):
     return info
 
 
+# Dense bf16 tensor-core peak FLOP/s, from the vendors' datasheets (without sparsity), for MFU. Matched as
+# substrings of torch.cuda.get_device_name(), first match wins; an unknown GPU gets no MFU rather than a guess.
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+                   ("B200", 2250e12), ("A100", 312e12), ("A10G", 125e12), ("L40S", 362e12), ("L4", 121e12),
+                   ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+
+
+def peak_flops(gpu_name):
+    return next((flops for name, flops in PEAK_BF16_FLOPS if gpu_name and name in gpu_name), None)
+
+
 def gpu_slug(gpu_name):
     """'NVIDIA H100 80GB HBM3' -> 'h100'; 'NVIDIA GeForce RTX 4090' -> 'geforce-rtx-4090'; None -> 'cpu'."""
     if not gpu_name:
@@ -207,7 +218,7 @@ def gpu_slug(gpu_name):
     return "-".join(words[: n + 1])
 
 
-def summarize(rows, cfg, env, world):
+def summarize(rows, cfg, env, world, mfu):
     """The run in one JSON object: what results/ keeps and the README's tables are built from."""
     timed = rows[cfg.timing_warmup:]
     mean_ms = sum(r["dt_ms"] for r in timed) / len(timed) if timed else None
@@ -220,6 +231,7 @@ def summarize(rows, cfg, env, world):
     return dict(**env, world_size=world, config=flat_config(cfg), final_step=rows[-1]["step"],
                 final_loss=rows[-1]["loss"], mean_ms=mean_ms, timing=timing,
                 mean_tok_per_s=cfg.batch_size * cfg.seq_len * world / (mean_ms / 1e3) if timed else None,
+                mean_mfu=mfu(mean_ms / 1e3) if timed else None,
                 peak_mem_gib=max(r["peak_mem_gib"] for r in rows),
                 loss=[r["loss"] for r in rows], dt_ms=[r["dt_ms"] for r in rows])
 
@@ -253,6 +265,12 @@ def main(argv=None):
     tokens_per_step = cfg.batch_size * cfg.seq_len * world
 
     env = environment(device)
+    flops_per_step, peak = raw_model.flops_per_token(cfg.seq_len) * tokens_per_step, peak_flops(env["gpu"])
+
+    def mfu(seconds_per_step):
+        """Model FLOPs utilisation: the FLOPs the model needs over what the GPUs could do at peak."""
+        return flops_per_step / seconds_per_step / (peak * world) if peak else None
+
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         settings = flat_config(cfg)
@@ -280,16 +298,18 @@ def main(argv=None):
         loss = loss.item()  # waits for the step to finish on the device
         dt = time.perf_counter() - t0
         if master:
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            row = dict(step=step, loss=loss, dt_ms=1e3 * dt, tok_per_s=tokens_per_step / dt, peak_mem_gib=peak)
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            row = dict(step=step, loss=loss, dt_ms=1e3 * dt, tok_per_s=tokens_per_step / dt,
+                       mfu=mfu(dt), peak_mem_gib=mem)
             rows.append(row)
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
-            print(f"step {step:5d} | loss {loss:.6f} | {1e3 * dt:8.2f} ms | {tokens_per_step / dt:10,.0f} tok/s | {peak:.2f} GiB")
+            print(f"step {step:5d} | loss {loss:.6f} | {1e3 * dt:8.2f} ms | {tokens_per_step / dt:10,.0f} tok/s | "
+                  f"MFU {'n/a' if peak is None else format(row['mfu'], '.1%')} | {mem:.2f} GiB")
 
     if master:
         metrics.close()
-        summary = summarize(rows, cfg, env, world)
+        summary = summarize(rows, cfg, env, world, mfu)
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(f"final: step {summary['final_step']} loss {summary['final_loss']:.6f} | {summary['timing']}")

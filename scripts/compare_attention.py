@@ -46,7 +46,7 @@ def run_one(backend, compile, args, out_dir):
     with open(summary_path) as f:
         summary = json.load(f)
     row.update(status="ok", final_step=summary["final_step"], loss=summary["final_loss"], ms=summary["mean_ms"],
-               tok_per_s=summary["mean_tok_per_s"], peak_mem_gib=summary["peak_mem_gib"])
+               tok_per_s=summary["mean_tok_per_s"], mfu=summary["mean_mfu"], peak_mem_gib=summary["peak_mem_gib"])
     print(f"   {lines[-1]}", flush=True)
     return row, summary
 
@@ -66,15 +66,15 @@ def markdown_table(rows):
     def fmt(value, spec):
         return "–" if value is None else format(value, spec)
 
-    lines = ["| backend | torch.compile | loss at last step | Δloss vs sdpa | ms/step | tokens/s | peak memory (GiB) | speed-up vs naive |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | torch.compile | loss at last step | Δloss vs sdpa | ms/step | tokens/s | MFU | peak memory (GiB) | speed-up vs naive |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mode = "on" if r["compile"] else "off"
         if r["status"] != "ok":
-            lines.append(f"| {r['backend']} | {mode} | {r['status']} | | | | | |")
+            lines.append(f"| {r['backend']} | {mode} | {r['status']} | | | | | | |")
             continue
         lines.append(f"| {r['backend']} | {mode} | {r['loss']:.4f} (step {r['final_step']}) | {fmt(r['dloss_vs_sdpa'], '+.4f')} "
-                     f"| {fmt(r['ms'], '.1f')} | {fmt(r['tok_per_s'], ',.0f')} | {r['peak_mem_gib']:.1f} "
+                     f"| {fmt(r['ms'], '.1f')} | {fmt(r['tok_per_s'], ',.0f')} | {fmt(r['mfu'], '.1%')} | {r['peak_mem_gib']:.1f} "
                      f"| {fmt(r['speedup_vs_naive'], '.2f')}{'×' if r['speedup_vs_naive'] else ''} |")
     return "\n".join(lines)
 

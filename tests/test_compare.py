@@ -39,6 +39,7 @@ def test_table_json_and_plot_come_from_the_runs(data_dir, tmp_path):
         assert row["loss"] == metrics[-1]["loss"]
         assert row["ms"] == pytest.approx(np.mean([m["dt_ms"] for m in metrics[1:]]))
         assert row["peak_mem_gib"] == max(m["peak_mem_gib"] for m in metrics)
+        assert row["mfu"] is None and "| – |" in table  # no peak FLOP/s for a CPU
         assert f"| {backend} | off | {row['loss']:.4f} (step 3) |" in table
     assert rows["sdpa"]["dloss_vs_sdpa"] == 0.0
     assert rows["naive"]["dloss_vs_sdpa"] == rows["naive"]["loss"] - rows["sdpa"]["loss"]
@@ -50,4 +51,4 @@ def test_a_failing_run_becomes_a_row(tmp_path):
     row, summary = compare_attention.run_one("sdpa", False, args, str(tmp_path / "run"))
     assert summary is None and row["status"] == "failed (exit 1)" and "does not exist" in row["error"]
     compare_attention.add_comparisons([row])
-    assert "| sdpa | off | failed (exit 1) |" in compare_attention.markdown_table([row])
+    assert "| sdpa | off | failed (exit 1) | | | | | | |" in compare_attention.markdown_table([row])

@@ -97,3 +97,15 @@ def test_triton_backend_compiled_fullgraph_trains_like_sdpa():
             optimizer.step()
             losses[attention].append(loss.item())
     torch.testing.assert_close(losses["triton"], losses["sdpa"], atol=1e-4, rtol=0)
+
+
+def test_flops_per_token_matches_pytorch_flop_counter():
+    """The MFU numerator against PyTorch's own count of the matmul FLOPs in one forward+backward (naive
+    attention performs q@kᵀ and att@v in full, which is what the formula counts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = GPT(GPTConfig(**{**TINY, "attention": "naive"}))
+    idx = torch.randint(0, 101, (3, 24))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx)[1].backward()
+    assert counter.get_total_flops() == model.flops_per_token(24) * 3 * 24
