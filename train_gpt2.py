@@ -11,9 +11,11 @@ machine and library versions: what results/ holds).
 import dataclasses
 import difflib
 import json
+import math
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 import tomllib
@@ -33,15 +35,40 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 @dataclass
 class TrainConfig:
-    data_dir: str = "data/tinyshakespeare"  # directory of *_train_*.bin token shards
-    batch_size: int = 16  # B: sequences per step on each process
+    # data
+    data_dir: str = "data/tinyshakespeare"  # directory of *_train_*.bin (and, for evaluation, *_val_*.bin) shards
+    batch_size: int = 16  # B: sequences per micro-step on each process
     seq_len: int = 1024  # T: tokens per sequence
+    total_batch_size: int = 0  # tokens per optimizer step, reached by gradient accumulation; 0: B·T·processes
+    # optimisation: AdamW; the defaults are the step-49 experiment's (PyTorch's AdamW defaults, lr 3e-4)
     max_steps: int = 50
-    learning_rate: float = 3e-4  # AdamW, constant
-    weight_decay: float = 0.01  # on every parameter (PyTorch's AdamW default)
+    learning_rate: float = 3e-4  # the peak learning rate
+    lr_schedule: str = "constant"  # constant | cosine: linear warm-up to learning_rate, cosine decay to min_lr
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    decay_all_params: bool = True  # False: weight decay on matrices only, not on biases and LayerNorm gains
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-8
+    grad_clip: float = 0.0  # clip the global gradient norm to this; 0: no clipping (the norm is logged anyway)
+    # evaluation, every eval_interval steps and at the last step (0: never)
+    eval_interval: int = 0
+    eval_batches: int = 20  # validation batches of B·T tokens per process
+    hellaswag: bool = False  # HellaSwag acc_norm (prepare with python -m data.hellaswag)
+    hellaswag_path: str = "data/hellaswag/hellaswag_val.jsonl"
+    sample_prompt: str = "Hello, I'm a language model,"  # "" for no samples
+    sample_count: int = 4
+    sample_tokens: int = 32
+    # checkpoints, in out_dir/checkpoints, every checkpoint_interval steps and at the last step (0: never)
+    checkpoint_interval: int = 0
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    resume: str = ""  # "": start afresh; "auto": the newest complete checkpoint in out_dir, if any; or a path
+    # logging
+    wandb: bool = False  # Weights & Biases, rank 0; offline when no API key is configured
+    wandb_project: str = "gpt2-attention"
+    wandb_run_name: str = ""
+    # system
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
     compile: bool = True  # torch.compile the whole model (fullgraph=True)
     seed: int = 1337
@@ -158,8 +185,16 @@ def validate(cfg):
         raise ConfigError(f"vocab_size ({m.vocab_size}) exceeds 65536, the most that uint16 token shards can hold")
     if cfg.device not in ("auto", "cuda", "mps", "cpu"):
         raise ConfigError(f"device {cfg.device!r}: choose auto, cuda, mps or cpu")
-    if cfg.learning_rate <= 0 or cfg.timing_warmup < 0:
-        raise ConfigError("learning_rate must be positive and timing_warmup non-negative")
+    if cfg.learning_rate <= 0 or not 0 <= cfg.min_lr <= cfg.learning_rate:
+        raise ConfigError(f"need 0 < learning_rate and 0 <= min_lr <= learning_rate, got {cfg.learning_rate}, {cfg.min_lr}")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"lr_schedule {cfg.lr_schedule!r}: choose constant or cosine")
+    for key in ("total_batch_size", "warmup_steps", "eval_interval", "checkpoint_interval", "timing_warmup",
+                "sample_count", "sample_tokens"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must not be negative, got {getattr(cfg, key)}")
+    if cfg.grad_clip < 0 or cfg.keep_last < 1 or cfg.eval_batches < 1:
+        raise ConfigError("need grad_clip >= 0, keep_last >= 1 and eval_batches >= 1")
 
 
 def flat_config(cfg):
@@ -218,7 +253,7 @@ def gpu_slug(gpu_name):
     return "-".join(words[: n + 1])
 
 
-def summarize(rows, cfg, env, world, mfu):
+def summarize(rows, cfg, env, world, tokens_per_step, mfu):
     """The run in one JSON object: what results/ keeps and the README's tables are built from."""
     timed = rows[cfg.timing_warmup:]
     mean_ms = sum(r["dt_ms"] for r in timed) / len(timed) if timed else None
@@ -230,10 +265,197 @@ def summarize(rows, cfg, env, world, mfu):
             timing += f" (the first {cfg.timing_warmup} left out as warm-up)"
     return dict(**env, world_size=world, config=flat_config(cfg), final_step=rows[-1]["step"],
                 final_loss=rows[-1]["loss"], mean_ms=mean_ms, timing=timing,
-                mean_tok_per_s=cfg.batch_size * cfg.seq_len * world / (mean_ms / 1e3) if timed else None,
+                mean_tok_per_s=tokens_per_step / (mean_ms / 1e3) if timed else None,
                 mean_mfu=mfu(mean_ms / 1e3) if timed else None,
                 peak_mem_gib=max(r["peak_mem_gib"] for r in rows),
                 loss=[r["loss"] for r in rows], dt_ms=[r["dt_ms"] for r in rows])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimisation
+
+def grad_accum_steps(cfg, world):
+    """Micro-steps per optimizer step so that B·T·world·steps = total_batch_size tokens."""
+    micro = cfg.batch_size * cfg.seq_len * world
+    if cfg.total_batch_size == 0:
+        return 1
+    if cfg.total_batch_size % micro:
+        n = max(1, cfg.total_batch_size // micro)
+        rows = cfg.total_batch_size // (cfg.seq_len * world)  # sequences per process per step, if T divides
+        divisors = [b for b in range(1, rows + 1) if rows % b == 0 and rows * cfg.seq_len * world == cfg.total_batch_size]
+        raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of batch_size*seq_len*processes "
+                          f"= {cfg.batch_size}*{cfg.seq_len}*{world} = {micro}; use total_batch_size {n * micro} or "
+                          f"{(n + 1) * micro}" + (f", or batch_size one of {divisors[-8:]}" if divisors else ""))
+    return cfg.total_batch_size // micro
+
+
+def learning_rate(cfg, step):
+    """constant, or linear warm-up over warmup_steps then cosine decay to min_lr at max_steps."""
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - 1 - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW; with decay_all_params=False, biases and LayerNorm gains (the 1-D parameters) get no weight decay."""
+    params = list(model.parameters())
+    decay = [p for p in params if cfg.decay_all_params or p.dim() >= 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if not (cfg.decay_all_params or p.dim() >= 2)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate(cfg, 0), betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.adam_eps, fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: out_dir/checkpoints/step_000100/ holds model.pt, optimizer.pt, state.pt (step, data position,
+# config), rng_rank<r>.pt, and DONE. It is written as step_000100.tmp/ and renamed when complete, so a crash
+# mid-save leaves the previous checkpoint as the newest complete one.
+
+def checkpoint_dir(cfg, step):
+    return os.path.join(cfg.out_dir, "checkpoints", f"step_{step:06d}")
+
+
+def complete_checkpoints(cfg):
+    """Complete checkpoints, oldest first; says which incomplete ones it passes over."""
+    root = os.path.join(cfg.out_dir, "checkpoints")
+    found = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name)
+        if re.fullmatch(r"step_\d{6}", name) and os.path.exists(os.path.join(path, "DONE")):
+            found.append(path)
+        else:
+            print(f"skipping incomplete checkpoint {path} (interrupted save)")
+    return found
+
+
+def save_checkpoint(cfg, step, raw_model, optimizer, loader, rank, world):
+    final = checkpoint_dir(cfg, step)
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # the remains of an earlier interrupted save
+        os.makedirs(tmp)
+    barrier(world)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:  # DDP keeps parameters and optimizer state identical on every rank: one copy is enough
+        torch.save(raw_model.state_dict(), os.path.join(tmp, "model.pt"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save({"step": step, "loader": loader.state_dict(), "config": flat_config(cfg), "world_size": world},
+                   os.path.join(tmp, "state.pt"))
+    barrier(world)
+    if rank == 0:
+        open(os.path.join(tmp, "DONE"), "w").close()
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(cfg)[: -cfg.keep_last]:
+            shutil.rmtree(old)
+        print(f"saved checkpoint {final}")
+    barrier(world)
+
+
+def load_checkpoint(cfg, path, raw_model, optimizer, loader, rank, device):
+    """Restore everything save_checkpoint wrote; returns the step to continue from."""
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    model_keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "attention"]
+    mismatched = [f"{k} {state['config'][k]} (checkpoint) != {getattr(cfg.model, k)} (now)"
+                  for k in model_keys if state["config"][k] != getattr(cfg.model, k)]
+    if mismatched:
+        raise ConfigError(f"cannot resume from {path}: the model differs: {'; '.join(mismatched)}")
+    raw_model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=device))
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device))
+    loader.load_state_dict(state["loader"])  # a global stream position: valid for any world size
+    rng_path = os.path.join(path, f"rng_rank{rank}.pt")
+    if os.path.exists(rng_path):  # absent when resuming on more processes than saved
+        rng = torch.load(rng_path, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"]
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: validation loss, HellaSwag, samples. They run on the uncompiled model (which shares its
+# parameters with the compiled one) where shapes vary, so training's compiled graph is never recompiled.
+
+@torch.no_grad()
+def evaluate(cfg, model, raw_model, val_loader, device, autocast, rank, world, encoding):
+    raw_model.eval()
+    results = {}
+    val_loader.reset()  # the same validation tokens every time
+    total = torch.zeros((), device=device)
+    for _ in range(cfg.eval_batches):
+        x, y = val_loader.next_batch()
+        with autocast:
+            total += model(x.to(device), y.to(device))[1].float()  # training's shape: the compiled model
+    if world > 1:
+        dist.all_reduce(total)
+    results["val_loss"] = total.item() / (cfg.eval_batches * world)
+    if cfg.hellaswag:
+        from data import hellaswag
+        results["hellaswag_acc_norm"] = hellaswag.evaluate(raw_model, cfg.hellaswag_path, device, rank, world, autocast)[0]
+    if encoding is not None and rank == 0:
+        prompt = torch.tensor(encoding.encode(cfg.sample_prompt), device=device).repeat(cfg.sample_count, 1)
+        generator = torch.Generator(device).manual_seed(cfg.seed)  # its own RNG: sampling leaves training's alone
+        with autocast:
+            out = raw_model.generate(prompt, cfg.sample_tokens, top_k=50, generator=generator)
+        results["samples"] = [encoding.decode(row.tolist()) for row in out]
+    raw_model.train()
+    return results
+
+
+def sample_encoding(cfg):
+    """The tokenizer for samples, or None (with a warning) where there are none to take or tiktoken is offline."""
+    if not cfg.eval_interval or not cfg.sample_prompt or not cfg.sample_count:
+        return None
+    try:
+        from data.tokenizer import gpt2_encoding
+        encoding = gpt2_encoding()
+    except RuntimeError as e:
+        print(f"warning: no samples during evaluation: {e}")
+        return None
+    if max(encoding.encode(cfg.sample_prompt)) >= cfg.model.vocab_size:
+        raise ConfigError(f"sample_prompt {cfg.sample_prompt!r} has GPT-2 token ids >= vocab_size {cfg.model.vocab_size}")
+    return encoding
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights & Biases (optional): never the reason a run stops.
+
+def start_wandb(cfg, settings):
+    try:
+        import wandb
+    except ImportError:
+        print("warning: --wandb given but wandb is not installed (pip install wandb); logging locally only")
+        return None
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None:
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read(os.path.expanduser("~/.netrc"))
+        mode = "online" if has_key else "offline"
+        if not has_key:
+            print(f"warning: no W&B API key (WANDB_API_KEY or `wandb login`): logging offline under {cfg.out_dir}/wandb; "
+                  "upload later with `wandb sync`")
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=settings,
+                          dir=cfg.out_dir, mode=mode)
+    except Exception as e:  # a W&B outage must not cost a training run
+        print(f"warning: wandb.init failed ({type(e).__name__}: {e}); logging locally only")
+        return None
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,8 +466,14 @@ def main(argv=None):
         ddp = "RANK" in os.environ  # set by torchrun
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
         device = resolve_device(cfg.device, local_rank)
+        accum = grad_accum_steps(cfg, world)
         # The data is checked before the model is built or a process group started: a bad file fails in seconds.
         loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, rank, world, cfg.model.vocab_size)
+        val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.seq_len, rank, world,
+                                 cfg.model.vocab_size) if cfg.eval_interval else None
+        if cfg.hellaswag and not os.path.isfile(cfg.hellaswag_path):
+            raise FileNotFoundError(f"hellaswag_path {cfg.hellaswag_path!r} does not exist; run python -m data.hellaswag")
+        encoding = sample_encoding(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if ddp:
@@ -255,14 +483,21 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
     model = raw_model = GPT(cfg.model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = make_optimizer(raw_model, cfg, device)
+    start_step = 0
+    resume_from = complete_checkpoints(cfg)[-1:] if cfg.resume == "auto" else [cfg.resume] if cfg.resume else []
+    if resume_from:
+        try:
+            start_step = load_checkpoint(cfg, resume_from[0], raw_model, optimizer, loader, rank, device)
+        except (ConfigError, ValueError) as e:
+            sys.exit(f"error: {e}")
     if cfg.compile:
         model = torch.compile(model, fullgraph=True)
+    compiled = model  # evaluation calls this one: DDP's wrapper is for training steps
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    tokens_per_step = cfg.batch_size * cfg.seq_len * world
+    tokens_per_step = cfg.batch_size * cfg.seq_len * world * accum
 
     env = environment(device)
     flops_per_step, peak = raw_model.flops_per_token(cfg.seq_len) * tokens_per_step, peak_flops(env["gpu"])
@@ -271,6 +506,7 @@ def main(argv=None):
         """Model FLOPs utilisation: the FLOPs the model needs over what the GPUs could do at peak."""
         return flops_per_step / seconds_per_step / (peak * world) if peak else None
 
+    run = None
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         settings = flat_config(cfg)
@@ -278,44 +514,99 @@ def main(argv=None):
             json.dump(settings, f, indent=2)
         print("config:", " ".join(f"{k}={v}" for k, v in settings.items()))
         print(f"device {device} ({env['gpu'] or platform.processor() or 'cpu'}), {world} process(es), "
-              f"attention backend: {cfg.model.attention}, {raw_model.num_params():,} parameters")
-        metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w")
+              f"attention backend: {cfg.model.attention}, {raw_model.num_params():,} parameters, "
+              f"{tokens_per_step:,} tokens per step ({accum} micro-step(s) of {cfg.batch_size}x{cfg.seq_len} per process)")
+        if resume_from:
+            print(f"resumed from {resume_from[0]} at step {start_step}")
+        metrics, rows = open_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step)
+        evals, _ = open_log(os.path.join(cfg.out_dir, "evals.jsonl"), start_step)
+        run = start_wandb(cfg, settings) if cfg.wandb else None
 
-    rows = []
-    for step in range(cfg.max_steps):
+    for step in range(start_step, cfg.max_steps):
+        last = step == cfg.max_steps - 1
+        if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
+            results = evaluate(cfg, compiled, raw_model, val_loader, device, autocast, rank, world, encoding)
+            if master:
+                print(f"eval step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "samples"))
+                for text in results.get("samples", []):
+                    print(f"  sample: {text!r}")
+                evals.write(json.dumps(dict(step=step, **results)) + "\n")
+                evals.flush()
+                if run:
+                    run.log({k: v for k, v in results.items() if k != "samples"}, step=step)
+
         t0 = time.perf_counter()
-        x, y = loader.next_batch()
-        x, y = x.to(device), y.to(device)
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            _, loss = model(x, y)
-        loss.backward()
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = loader.next_batch()
+            x, y = x.to(device), y.to(device)
+            # DDP all-reduces gradients during backward; only the last micro-step's backward needs to.
+            with model.no_sync() if ddp and micro < accum - 1 else nullcontext():
+                with autocast:
+                    _, loss = model(x, y)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
-        loss = loss.detach()
-        if ddp:  # log the mean over ranks (gloo has no AVG)
-            dist.all_reduce(loss)
-            loss /= world
-        loss = loss.item()  # waits for the step to finish on the device
+        if ddp:  # the mean over ranks (gloo has no AVG)
+            dist.all_reduce(loss_sum)
+        loss, grad_norm = (torch.stack([loss_sum / (accum * world), grad_norm]).tolist())  # waits for the step
         dt = time.perf_counter() - t0
+        if not math.isfinite(loss):  # every rank sees the same all-reduced loss, so all stop here together
+            if master:
+                print(f"error: non-finite loss at step {step}; stopping before any checkpoint of this state")
+            shutdown(ddp)
+            sys.exit(1)
         if master:
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            row = dict(step=step, loss=loss, dt_ms=1e3 * dt, tok_per_s=tokens_per_step / dt,
-                       mfu=mfu(dt), peak_mem_gib=mem)
+            row = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, dt_ms=1e3 * dt, tok_per_s=tokens_per_step / dt,
+                       tok_per_s_per_gpu=tokens_per_step / dt / world, mfu=mfu(dt), peak_mem_gib=mem)
             rows.append(row)
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
-            print(f"step {step:5d} | loss {loss:.6f} | {1e3 * dt:8.2f} ms | {tokens_per_step / dt:10,.0f} tok/s | "
-                  f"MFU {'n/a' if peak is None else format(row['mfu'], '.1%')} | {mem:.2f} GiB")
+            if run:
+                run.log(row, step=step)
+            print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.4f} | {1e3 * dt:8.2f} ms | "
+                  f"{tokens_per_step / dt:10,.0f} tok/s | MFU {'n/a' if peak is None else format(row['mfu'], '.1%')} | {mem:.2f} GiB")
+        if cfg.checkpoint_interval and ((step + 1) % cfg.checkpoint_interval == 0 or last):
+            save_checkpoint(cfg, step + 1, raw_model, optimizer, loader, rank, world)
 
+    if ddp:  # DDP should keep every rank's parameters identical; check it rather than assume it
+        checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1)
+        gathered = [torch.zeros_like(checksum) for _ in range(world)]
+        dist.all_gather(gathered, checksum)
+        if master:
+            print(f"parameters identical on all {world} ranks: {'yes' if len(set(t.item() for t in gathered)) == 1 else 'NO'}")
     if master:
         metrics.close()
-        summary = summarize(rows, cfg, env, world, mfu)
-        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(f"final: step {summary['final_step']} loss {summary['final_loss']:.6f} | {summary['timing']}")
+        evals.close()
+        if rows:
+            summary = summarize(rows, cfg, env, world, tokens_per_step, mfu)
+            with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            print(f"final: step {summary['final_step']} loss {summary['final_loss']:.6f} | {summary['timing']}")
+        if run:
+            run.finish()
+    shutdown(ddp)
+
+
+def shutdown(ddp):
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def open_log(path, start_step):
+    """Open a JSON-lines log for writing. A resumed run keeps the rows before its first step (and drops those
+    that the interrupted run wrote after its last checkpoint); returns the file and the rows kept."""
+    kept = [r for r in map(json.loads, _read(path).splitlines()) if r["step"] < start_step]
+    f = open(path, "w")
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+    return f, kept
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A shard is a 256-int32 header (magic, version, token count, then zeros) followed by the tokens as uint16
 (GPT-2's 50,257 ids fit). The header lets a reader detect a truncated or foreign file instead of training on it.
-Shards of a split are named `<anything>_<split>_<index>.bin` and read in sorted order.
+Shards of a split are named `<anything>_<split>_<index>.bin` and read, in sorted order, as one stream.
 """
 import glob
 import os
@@ -53,12 +53,14 @@ def find_shards(data_dir, split):
 
 
 class ShardLoader:
-    """Batches of B sequences of T tokens, read in order: the classic step-49 reference's batches.
+    """Batches of B sequences of T tokens, read in order: for one shard, the classic step-49 reference's batches.
 
-    Each batch is the window tokens[pos : pos + B*T + 1]; x = window[:-1], y = window[1:]. With `world`
-    processes, rank r starts at r*B*T and every rank advances by world*B*T, so the ranks read disjoint,
-    interleaved windows. When the next window would run past the end of the shard, the loader moves on to the
-    next shard (wrapping to the first) and starts again at r*B*T.
+    The shards of a split are one stream of tokens, in file order. A step's global batch is the stretch of
+    world·B·T tokens at `pos`; rank r takes the window stream[pos + r·B·T : pos + (r+1)·B·T + 1], with
+    x = window[:-1], y = window[1:]. A window may run from one shard into the next, so no window is dropped or
+    repeated at a shard boundary. When the next global batch would run past the end of the stream, `pos`
+    returns to 0: every rank wraps at the same step, and world ranks read exactly the rows that one process with
+    world·B rows would read. `pos` is the whole state, so a checkpoint made with one world size resumes with another.
     """
 
     def __init__(self, data_dir, split, B, T, rank=0, world=1, vocab_size=None):
@@ -66,20 +68,43 @@ class ShardLoader:
         self.paths = find_shards(data_dir, split)
         self.shards = [read_shard(p) for p in self.paths]
         for path, tokens in zip(self.paths, self.shards):
+            if len(tokens) == 0:
+                raise ValueError(f"{path}: empty shard; prepare the data again")
             # Fail now, with the file named, rather than with a CUDA assert in the embedding mid-run.
-            if len(tokens) < B * T * world + 1:
-                raise ValueError(f"{path}: {len(tokens)} tokens, fewer than one step needs "
-                                 f"(batch_size*seq_len*world+1 = {B * T * world + 1}); use more data or a smaller batch")
             if vocab_size is not None and int(tokens.max()) >= vocab_size:
                 raise ValueError(f"{path}: token id {int(tokens.max())} >= vocab_size {vocab_size}")
-        self.shard, self.pos = 0, rank * B * T
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset of each shard
+        if self.starts[-1] < B * T * world + 1:
+            raise ValueError(f"{', '.join(self.paths)}: {self.starts[-1]} '{split}' tokens, fewer than one step needs "
+                             f"(batch_size*seq_len*world+1 = {B * T * world + 1}); use more data or a smaller batch")
+        self.pos = 0
+
+    def _read(self, start, n):
+        """stream[start : start + n], gathered from as many shards as it spans."""
+        pieces, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while n > 0:
+            offset = start - self.starts[i]
+            piece = self.shards[i][offset : offset + n]
+            pieces.append(piece)
+            start, n, i = start + len(piece), n - len(piece), i + 1
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
     def next_batch(self):
-        B, T = self.B, self.T
-        window = torch.from_numpy(self.shards[self.shard][self.pos : self.pos + B * T + 1].astype(np.int64))
-        x, y = window[:-1].view(B, T), window[1:].view(B, T)
-        self.pos += B * T * self.world
-        if self.pos + B * T + 1 > len(self.shards[self.shard]):
-            self.shard = (self.shard + 1) % len(self.shards)
-            self.pos = self.rank * B * T
-        return x, y
+        B, T, step_tokens = self.B, self.T, self.B * self.T * self.world
+        window = torch.from_numpy(self._read(self.pos + self.rank * B * T, B * T + 1).astype(np.int64))
+        self.pos += step_tokens
+        if self.pos + step_tokens + 1 > self.starts[-1]:
+            self.pos = 0
+        return window[:-1].view(B, T), window[1:].view(B, T)
+
+    def reset(self):
+        self.pos = 0
+
+    def state_dict(self):
+        return {"pos": int(self.pos), "tokens": int(self.starts[-1])}
+
+    def load_state_dict(self, state):
+        if state["tokens"] != self.starts[-1]:
+            raise ValueError(f"the checkpoint was made on {state['tokens']} tokens of data, {', '.join(self.paths)} "
+                             f"hold {self.starts[-1]}: the data changed, so its position cannot be restored")
+        self.pos = state["pos"]

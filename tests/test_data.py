@@ -2,6 +2,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from data import tinyshakespeare
 from data.shards import HEADER_INTS, ShardLoader, read_shard, write_shard
@@ -48,20 +49,50 @@ def test_loader_order_and_wrap_around(tmp_path):
 
 def test_loader_rank_offsets(tmp_path):
     make_shard(tmp_path, 60)
-    B, T, world = 1, 5, 3  # each rank's window starts at rank*5 and advances by 15; wraps when past 60
+    B, T, world = 1, 5, 3  # rank r reads at pos + 5r; pos advances by 15 and returns to 0 when 15+1 more do not fit
     seen = {}
     for rank in range(world):
         loader = ShardLoader(tmp_path, "train", B, T, rank=rank, world=world)
         seen[rank] = [int(loader.next_batch()[0][0, 0]) for _ in range(5)]
-    # rank 1 still fits a window at 50 (tokens 50..55); rank 2 at 55 would need token 60, so it wraps
-    assert seen == {0: [0, 15, 30, 45, 0], 1: [5, 20, 35, 50, 5], 2: [10, 25, 40, 10, 25]}
+    # pos = 0, 15, 30, then 45 + 16 > 60: back to 0. All ranks wrap together.
+    assert seen == {0: [0, 15, 30, 0, 15], 1: [5, 20, 35, 5, 20], 2: [10, 25, 40, 10, 25]}
+
+
+def test_ranks_read_the_rows_of_one_process_with_world_times_the_batch(tmp_path):
+    make_shard(tmp_path, 500)
+    single = ShardLoader(tmp_path, "train", 6, 4)
+    ranks = [ShardLoader(tmp_path, "train", 2, 4, rank=r, world=3) for r in range(3)]
+    for _ in range(25):  # several wrap-arounds
+        x, y = single.next_batch()
+        parts = [loader.next_batch() for loader in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
 
 
 def test_loader_cycles_through_shards(tmp_path):
     write_shard(tmp_path / "x_train_000000.bin", np.arange(0, 20, dtype=np.uint16))
     write_shard(tmp_path / "x_train_000001.bin", np.arange(100, 120, dtype=np.uint16))
     loader = ShardLoader(tmp_path, "train", 1, 8)
-    assert [int(loader.next_batch()[0][0, 0]) for _ in range(5)] == [0, 8, 100, 108, 0]
+    # stream: 0..19, 100..119 (40 tokens). Windows of 9 at 0, 8, 16, 24; 32 + 9 > 40, so back to 0.
+    windows = [loader.next_batch() for _ in range(5)]
+    assert windows[2][0][0].tolist() == [16, 17, 18, 19, 100, 101, 102, 103]  # across the boundary, nothing dropped
+    assert windows[2][1][0].tolist() == [17, 18, 19, 100, 101, 102, 103, 104]
+    assert [int(x[0, 0]) for x, _ in windows] == [0, 8, 16, 104, 0]
+
+
+def test_loader_state_resumes_exactly(tmp_path):
+    write_shard(tmp_path / "x_train_000000.bin", np.arange(0, 37, dtype=np.uint16))
+    write_shard(tmp_path / "x_train_000001.bin", np.arange(100, 151, dtype=np.uint16))
+    straight = ShardLoader(tmp_path, "train", 2, 3)
+    expected = [straight.next_batch()[0] for _ in range(30)]
+    first = ShardLoader(tmp_path, "train", 2, 3)
+    got = [first.next_batch()[0] for _ in range(13)]
+    resumed = ShardLoader(tmp_path, "train", 2, 3)
+    resumed.load_state_dict(first.state_dict())
+    got += [resumed.next_batch()[0] for _ in range(17)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    write_shard(tmp_path / "x_train_000002.bin", np.arange(5, dtype=np.uint16))
+    with pytest.raises(ValueError, match="the data changed"):
+        ShardLoader(tmp_path, "train", 2, 3).load_state_dict(first.state_dict())
 
 
 def test_loader_errors_name_the_file(tmp_path):
@@ -70,7 +101,7 @@ def test_loader_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no 'train' shards"):
         ShardLoader(tmp_path, "train", 1, 4)
     make_shard(tmp_path, 8)
-    with pytest.raises(ValueError, match="x_train_000000.bin: 8 tokens, fewer than one step"):
+    with pytest.raises(ValueError, match="x_train_000000.bin: 8 'train' tokens, fewer than one step"):
         ShardLoader(tmp_path, "train", 2, 4)
     with pytest.raises(ValueError, match="token id 7 >= vocab_size 5"):
         ShardLoader(tmp_path, "train", 1, 4, vocab_size=5)

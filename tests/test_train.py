@@ -42,7 +42,8 @@ def test_three_steps_through_the_entry_point(data_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert set(rows[0]) == {"step", "loss", "dt_ms", "tok_per_s", "mfu", "peak_mem_gib"}
+    assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "dt_ms", "tok_per_s", "tok_per_s_per_gpu", "mfu",
+                            "peak_mem_gib"}
     assert rows[0]["mfu"] is None and rows[0]["peak_mem_gib"] == 0  # a CPU: no peak FLOP/s, no GPU memory
     for r in rows:
         assert np.isfinite(r["loss"]) and r["dt_ms"] > 0

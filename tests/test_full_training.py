@@ -1,0 +1,134 @@
+"""Full-training features on the CPU: gradient accumulation and DDP, learning-rate schedule, checkpoints and
+exact resume, evaluation and sampling with the model compiled, offline W&B."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from data.shards import write_shard
+from model import GPT, GPTConfig
+from test_train import read_metrics, train
+from train_gpt2 import ConfigError, TrainConfig, grad_accum_steps, learning_rate
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    write_shard(d / "synthetic_val_000000.bin", rng.integers(0, 128, 3000))
+    write_shard(d / "synthetic_train_000001.bin", rng.integers(0, 128, 3000))
+    write_shard(d / "synthetic_train_000002.bin", rng.integers(0, 128, 3000))
+    return d
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr_schedule="cosine", learning_rate=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073)
+    assert learning_rate(cfg, 0) == pytest.approx(6e-4 / 715)  # warm-up starts above zero
+    assert learning_rate(cfg, 356) == pytest.approx(6e-4 * 357 / 715)
+    assert learning_rate(cfg, 714) == pytest.approx(6e-4)  # peak at the end of warm-up
+    middle = 715 + (19072 - 715) / 2
+    assert learning_rate(cfg, middle) == pytest.approx((6e-4 + 6e-5) / 2)
+    assert learning_rate(cfg, 19072) == pytest.approx(6e-5)  # the last step
+    assert learning_rate(TrainConfig(), 123) == 3e-4  # constant
+
+
+def test_gradient_accumulation_steps():
+    assert grad_accum_steps(TrainConfig(batch_size=64, seq_len=1024, total_batch_size=524288), 1) == 8
+    assert grad_accum_steps(TrainConfig(batch_size=64, seq_len=1024, total_batch_size=524288), 8) == 1
+    assert grad_accum_steps(TrainConfig(batch_size=16, seq_len=1024), 4) == 1
+    with pytest.raises(ConfigError, match=r"not a multiple of .* = 48\*1024\*1 = 49152; use total_batch_size 491520 or 540672, "
+                       r"or batch_size one of \[4, 8, 16, 32, 64, 128, 256, 512\]"):
+        grad_accum_steps(TrainConfig(batch_size=48, seq_len=1024, total_batch_size=524288), 1)
+
+
+def test_two_ranks_equal_one_process_with_two_micro_steps(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", "--max_steps=4", "--batch_size=2", "--total_batch_size=64", "--grad_clip=1.0",
+              "--lr_schedule=cosine", "--warmup_steps=2", "--decay_all_params=false"]
+    ddp = train(*common, f"--out_dir={tmp_path / 'ddp'}", nproc=2)
+    assert ddp.returncode == 0, ddp.stderr
+    single = train(*common, f"--out_dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr
+    assert "2 micro-step(s) of 2x16 per process" in single.stdout and "1 micro-step(s)" in ddp.stdout
+    assert "parameters identical on all 2 ranks: yes" in ddp.stdout
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in read_metrics(tmp_path / "ddp")],
+                                   [r[key] for r in read_metrics(tmp_path / "single")], rtol=0, atol=1e-6)
+    assert not os.path.exists(tmp_path / "ddp" / "wandb")
+
+
+def final_weights(out_dir, step):
+    return torch.load(os.path.join(out_dir, "checkpoints", f"step_{step:06d}", "model.pt"))
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_continues_bitwise(data_dir, tmp_path, nproc):
+    common = [f"--data_dir={data_dir}", "--batch_size=2", "--lr_schedule=cosine", "--warmup_steps=2",
+              "--grad_clip=1.0", "--checkpoint_interval=3", "--keep_last=5", "--sample_count=0"]
+    straight = train(*common, "--max_steps=6", f"--out_dir={tmp_path / 'straight'}", nproc=nproc)
+    assert straight.returncode == 0, straight.stderr
+    # The first run stops after 3 steps; the second resumes from its checkpoint for steps 3..5.
+    first = train(*common, "--max_steps=3", f"--out_dir={tmp_path / 'resumed'}", nproc=nproc)
+    assert first.returncode == 0, first.stderr
+    second = train(*common, "--max_steps=6", "--resume=auto", f"--out_dir={tmp_path / 'resumed'}", nproc=nproc)
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and "at step 3" in second.stdout
+    assert [r["loss"] for r in read_metrics(tmp_path / "straight")] == [r["loss"] for r in read_metrics(tmp_path / "resumed")]
+    a, b = final_weights(tmp_path / "straight", 6), final_weights(tmp_path / "resumed", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_incomplete_checkpoints_are_skipped_and_old_ones_pruned(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", "--batch_size=2", "--checkpoint_interval=1", "--keep_last=2",
+              f"--out_dir={tmp_path}"]
+    assert train(*common, "--max_steps=5").returncode == 0
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["step_000004", "step_000005"]
+    # A save killed midway: a half-written tmp directory, and a directory whose DONE marker never came.
+    shutil.copytree(ckpts / "step_000005", ckpts / "step_000006.tmp")
+    shutil.copytree(ckpts / "step_000005", ckpts / "step_000007")
+    os.remove(ckpts / "step_000007" / "DONE")
+    run = train(*common, "--max_steps=6", "--resume=auto")
+    assert run.returncode == 0, run.stderr
+    assert "skipping incomplete checkpoint" in run.stdout and "step_000007" in run.stdout
+    assert "at step 5" in run.stdout  # the newest complete one
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 4, 5]
+    assert "step_000006.tmp" not in os.listdir(ckpts)  # the next save at step 6 replaced the stale tmp
+
+
+def test_resume_with_another_model_shape_names_the_mismatch(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", "--batch_size=2", "--checkpoint_interval=2", f"--out_dir={tmp_path}"]
+    assert train(*common, "--max_steps=2").returncode == 0
+    run = train(*common, "--max_steps=4", "--resume=auto", "--n_layer=3")
+    assert run.returncode != 0 and "the model differs: n_layer 2 (checkpoint) != 3 (now)" in run.stderr
+
+
+def test_evaluation_and_sampling_with_the_model_compiled(data_dir, tmp_path):
+    run = train(f"--data_dir={data_dir}", "--batch_size=2", "--max_steps=3", "--eval_interval=2", "--eval_batches=3",
+                "--compile=true", "--sample_prompt=a", "--sample_count=2", "--sample_tokens=5", f"--out_dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    evals = [json.loads(line) for line in open(tmp_path / "evals.jsonl")]
+    assert [e["step"] for e in evals] == [0, 2]  # every 2 steps and at the last
+    assert all(len(e["samples"]) == 2 and e["samples"][0].startswith("a") for e in evals)
+    # Step 0's validation loss, recomputed by a second code path: fresh model, same seed, the first val batches.
+    from data.shards import ShardLoader
+    from test_train import MODEL
+    torch.manual_seed(1337)
+    model = GPT(GPTConfig(**MODEL, attention="sdpa"))
+    val = ShardLoader(data_dir, "val", 2, 16)
+    with torch.no_grad():
+        expected = sum(model(*val.next_batch())[1].item() for _ in range(3)) / 3
+    assert evals[0]["val_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_wandb_offline_without_an_api_key(data_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    run = train(f"--data_dir={data_dir}", "--batch_size=2", "--max_steps=2", "--wandb", f"--out_dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    assert "no W&B API key" in run.stdout
+    assert any(name.startswith("offline-run-") for name in os.listdir(tmp_path / "wandb"))
+    assert len(read_metrics(tmp_path)) == 2  # local logs regardless
