@@ -145,19 +145,28 @@ def _config_path(name):
     raise ConfigError(f"config {name!r} not found; give a path or one of: {', '.join(choices)}")
 
 
+def _read_toml(name, seen=()):
+    """(key, value, file) from a config file; `extends = "other"` reads that file first, this one overriding it."""
+    path = _config_path(name)
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` loops back to itself")
+    with open(path, "rb") as f:
+        try:
+            table = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    base = _read_toml(table.pop("extends"), seen + (path,)) if "extends" in table else []
+    return base + [(k, v, path) for k, v in table.items()]
+
+
 def load_config(argv):
     cfg = TrainConfig()
     types = _key_types()
     pairs = _parse_flags(argv)
-    settings = []  # (key, value, source), file first so that flags override it
+    settings = []  # (key, value, source), files first so that flags override them
     for key, value in pairs:
         if key == "config":
-            path = _config_path(value)
-            with open(path, "rb") as f:
-                try:
-                    settings += [(k, v, path) for k, v in tomllib.load(f).items()]
-                except tomllib.TOMLDecodeError as e:
-                    raise ConfigError(f"{path}: not valid TOML: {e}") from e
+            settings += _read_toml(value)
     settings += [(k, v, "command line") for k, v in pairs if k != "config"]
     for key, value, source in settings:
         if key not in types:

@@ -1,7 +1,9 @@
 """Prepare Tiny Shakespeare: python -m data.tinyshakespeare [--input PATH] [--out_dir data/tinyshakespeare]
 
 Tokenizes Karpathy's char-rnn corpus (1,115,394 characters, 338,025 GPT-2 tokens) and writes it, whole and in
-order, as one train shard: the step-49 experiment trains on exactly this token stream, from its start.
+order, as the train shard: the step-49 experiment trains on exactly this token stream, from its start. The val
+shard is the last 10% of the same tokens. It is therefore not held out: it exercises the evaluation code on a
+small corpus, it does not measure generalisation (use FineWeb-Edu's val shard for that).
 """
 import argparse
 import hashlib
@@ -34,7 +36,10 @@ def main(argv=None):
     p.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyshakespeare"))
     args = p.parse_args(argv)
 
-    enc = gpt2_encoding()  # first: without the BPE files nothing else is worth doing
+    try:
+        enc = gpt2_encoding()  # first: without the BPE files nothing else is worth doing
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}")
     if args.input:
         with open(args.input, encoding="utf-8") as f:
             text = f.read()
@@ -42,9 +47,10 @@ def main(argv=None):
         text = download()
     tokens = np.array(enc.encode_ordinary(text), dtype=np.uint16)
     os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, "tinyshakespeare_train_000000.bin")
-    write_shard(path, tokens)
-    print(f"wrote {len(tokens):,} tokens to {path}")
+    for split, part in (("train", tokens), ("val", tokens[len(tokens) * 9 // 10:])):
+        path = os.path.join(args.out_dir, f"tinyshakespeare_{split}_000000.bin")
+        write_shard(path, part)
+        print(f"wrote {len(part):,} tokens to {path}")
 
 
 if __name__ == "__main__":

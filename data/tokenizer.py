@@ -8,7 +8,7 @@ def gpt2_encoding():
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises whatever its HTTP client raised
         raise RuntimeError(
-            "could not load the GPT-2 BPE files (tiktoken downloads them on first use): "
-            f"{type(e).__name__}: {e}. Without internet, put them in a directory and set TIKTOKEN_CACHE_DIR to it "
-            "(see README); training on already prepared tokens needs neither."
+            f"could not load the GPT-2 BPE files, which tiktoken downloads on first use ({type(e).__name__}). "
+            "Without internet, put them in a directory and set TIKTOKEN_CACHE_DIR to it (see README); "
+            "training on already prepared tokens needs neither."
         ) from e

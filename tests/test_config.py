@@ -68,3 +68,15 @@ def test_config_file_errors_name_the_file(tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "*.toml"))))
 def test_every_config_file_loads(path):
     load_config(["--config", path])
+
+
+def test_a_config_file_can_extend_another(tmp_path):
+    (tmp_path / "base.toml").write_text('max_steps = 7\nn_layer = 3\nattention = "naive"\n')
+    (tmp_path / "child.toml").write_text(f'extends = "{tmp_path / "base.toml"}"\nn_layer = 4\n')
+    cfg = load_config(["--config", str(tmp_path / "child.toml"), "--attention", "sdpa"])
+    assert (cfg.max_steps, cfg.model.n_layer, cfg.model.attention) == (7, 4, "sdpa")
+    (tmp_path / "base.toml").write_text(f'extends = "{tmp_path / "child.toml"}"\n')
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(["--config", str(tmp_path / "child.toml")])
+    short = load_config(["--config", "gpt2_124m_short"])
+    assert (short.max_steps, short.total_batch_size, short.beta2) == (100, 524288, 0.95)

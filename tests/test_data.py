@@ -113,8 +113,9 @@ def test_prepare_tinyshakespeare_from_local_text(tmp_path):
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
     (tmp_path / "input.txt").write_text(text)
     tinyshakespeare.main(["--input", str(tmp_path / "input.txt"), "--out_dir", str(tmp_path / "out")])
-    tokens = read_shard(tmp_path / "out" / "tinyshakespeare_train_000000.bin")
-    assert tokens.tolist() == tiktoken.get_encoding("gpt2").encode(text)
+    expected = tiktoken.get_encoding("gpt2").encode(text)
+    assert read_shard(tmp_path / "out" / "tinyshakespeare_train_000000.bin").tolist() == expected
+    assert read_shard(tmp_path / "out" / "tinyshakespeare_val_000000.bin").tolist() == expected[len(expected) * 9 // 10:]
 
 
 def test_prepare_without_bpe_files_names_the_fix(tmp_path, monkeypatch):
@@ -125,5 +126,5 @@ def test_prepare_without_bpe_files_names_the_fix(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     (tmp_path / "input.txt").write_text("hello")
-    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
+    with pytest.raises(SystemExit, match="TIKTOKEN_CACHE_DIR"):
         tinyshakespeare.main(["--input", str(tmp_path / "input.txt"), "--out_dir", str(tmp_path / "out")])
