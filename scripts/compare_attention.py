@@ -5,9 +5,9 @@
     python scripts/compare_attention.py --config tiny -- --max_steps 5    # flags after -- go to train_gpt2.py
 
 Each run is its own process through the real entry point (train_gpt2.py, under torchrun when --nproc > 1) and
-keeps its files under results/runs/<gpu>/<backend>-<compile|eager>/. The table is built from those runs'
-summary.json files only. A run that fails or runs out of memory becomes a row that says so.
-Writes results/compare_<gpu>.json, .md (the table) and .png (loss curves and ms/step bars).
+keeps its files under results/runs/<gpu>/<config>/<backend>-<compile|eager>/. The table is built from those
+runs' summary.json files only. A run that fails or runs out of memory becomes a row that says so.
+Writes results/compare_<config>_<gpu>.json, .md (the table) and .png (loss curves and ms/step bars).
 """
 import argparse
 import json
@@ -118,10 +118,11 @@ def main(argv=None):
     import torch  # after argument parsing, so that --help is instant
 
     gpu = gpu_slug(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    name = os.path.splitext(os.path.basename(args.config))[0]
     rows, summaries = [], {}
     for compile in [c == "on" for c in args.compile]:
         for backend in args.backends:
-            out_dir = os.path.join(args.results_dir, "runs", gpu, f"{backend}-{'compile' if compile else 'eager'}")
+            out_dir = os.path.join(args.results_dir, "runs", gpu, name, f"{backend}-{'compile' if compile else 'eager'}")
             row, summary = run_one(backend, compile, args, out_dir)
             rows.append(row)
             if summary:
@@ -130,11 +131,11 @@ def main(argv=None):
 
     first = next(iter(summaries.values()), {})
     env = {k: first.get(k) for k in ("gpu", "torch", "triton", "cuda", "cudnn", "python", "date")}
-    title = f"step-49 experiment ({args.config}) on {env['gpu'] or 'CPU'}"
+    title = f"{name} on {args.nproc} x {env['gpu'] or 'CPU'}"
     report = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv), config=args.config,
                   nproc=args.nproc, overrides=args.overrides, **env,
                   timing=first.get("timing"), rows=rows)
-    base = os.path.join(args.results_dir, f"compare_{gpu}")
+    base = os.path.join(args.results_dir, f"compare_{name}_{gpu}")
     with open(f"{base}.json", "w") as f:
         json.dump(report, f, indent=2)
     table = markdown_table(rows)

@@ -20,50 +20,80 @@ def load(path):
 
 
 def provenance(report):
-    return (f"{report['gpu']}, torch {report['torch']}, triton {report['triton']}, CUDA {report.get('cuda')}, "
-            f"cuDNN {report.get('cudnn')}, {report['date']}. Command: `{report['command']}`")
+    v = report.get("versions", report)
+    return (f"{report['gpu']}, torch {v['torch']}, triton {v['triton']}, CUDA {v.get('cuda')}, cuDNN {v.get('cudnn')}, "
+            f"{report['date']}. Command: `{report['command']}`")
 
 
-def step49_block():
+def comparison_block(config):
+    """The table of scripts/compare_attention.py for one config, per GPU."""
     out = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "results", "compare_*.json"))):
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", f"compare_{config}_*.json"))):
         report = load(path)
         if not report.get("gpu"):
             continue  # CPU trial runs are not results
         name = os.path.basename(path)[:-5]
-        out += [f"**{report['gpu']}** (`results/{name}.json`; {report['timing']}):", "",
+        out += [f"**{report['nproc']} x {report['gpu']}** (`results/{name}.json`; ms/step: {report['timing']}):", "",
                 markdown_table(report["rows"]), "", f"<sub>{provenance(report)}</sub>", "",
                 f"![loss curves and ms/step](results/{name}.png)", ""]
+    return out
+
+
+def step49_block():
+    out = comparison_block("step49")
     ref = load(os.path.join(ROOT, "results", "reference_a100.json"))
     out += [f"For comparison, {ref['source']}: on an {ref['gpu']} with torch.compile, "
             f"{ref['naive_ms']} ms/step with naive attention and {ref['flash_ms']} ms/step with flash attention "
-            f"({ref['naive_ms'] / ref['flash_ms']:.2f}×), at the same loss."]
+            f"({ref['naive_ms'] / ref['flash_ms']:.2f}x), at the same loss."]
     return "\n".join(out)
+
+
+def full_training_block():
+    return "\n".join(comparison_block("gpt2_124m_short"))
+
+
+def cell(r, kind):
+    return f"{r[kind + '_ms']:.3f} ({r[kind + '_tflops']:.0f})"
 
 
 def bench_block():
     out = []
     for path in sorted(glob.glob(os.path.join(ROOT, "results", "attention_bench_*.json"))):
         report = load(path)
-        out += [f"**{report['gpu']}** (`results/{os.path.basename(path)}`):", ""]
-        for shape, rows in report["shapes"].items():
-            out += [f"{shape}, bf16, causal: median ms (TFLOP/s)", "",
+        out += [f"**{report['gpu']}** (`results/{os.path.basename(path)}`): median ms (TFLOP/s)", ""]
+        for shape, res in report["results"].items():
+            out += [f"{shape}, bf16, causal:", "",
                     "| backend | forward | backward | forward+backward | peak memory (MiB) |", "|---|---|---|---|---|"]
-            for name, r in rows.items():
-                if r.get("error"):
-                    out.append(f"| {name} | {r['error']} | | | |")
-                    continue
-                cells = [f"{r[k]['ms']:.3f} ({r[k]['tflops']:.0f})" if r.get(k) else "–" for k in ("fwd", "bwd", "fwd_bwd")]
-                out.append(f"| {name} | {' | '.join(cells)} | {r['peak_mib']:.0f} |")
-            out.append("")
+            for name, r in res["rows"].items():
+                out.append(f"| {name} | {r['error']} | | | |" if "error" in r else
+                           f"| {name} | {cell(r, 'fwd')} | {cell(r, 'bwd')} | {cell(r, 'fwd_bwd')} | {r['peak_mib']:.0f} |")
+            out += [""] + [f"- triton {k}: {v:.2f}" for k, v in res.get("ratios", {}).items()] + [""]
         out.append(f"<sub>{provenance(report)}</sub>")
+    return "\n".join(out)
+
+
+def sweep_block():
+    out = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", "attention_sweep_*.json"))):
+        report = load(path)
+        name = os.path.basename(path)[:-5]
+        backends = list(next(iter(report["results"].values())))
+        out += [f"**{report['gpu']}**, B·T = {report['shape']['tokens']}, H={report['shape']['H']}, "
+                f"D={report['shape']['D']}: forward+backward ms / peak extra memory (MiB)", "",
+                "| T | " + " | ".join(backends) + " |", "|---" * (len(backends) + 1) + "|"]
+        for T, rows in report["results"].items():
+            out.append(f"| {T} | " + " | ".join(rows[b]["error"] if "error" in rows[b] else
+                                                 f"{rows[b]['fwd_bwd_ms']:.2f} / {rows[b]['peak_mib']:.0f}"
+                                                 for b in backends) + " |")
+        out += ["", f"![time and memory against T](results/{name}.png)", "", f"<sub>{provenance(report)}</sub>"]
     return "\n".join(out)
 
 
 def main():
     path = os.path.join(ROOT, "README.md")
     text = open(path).read()
-    for name, block in (("step49", step49_block), ("attention_bench", bench_block)):
+    for name, block in (("step49", step49_block), ("full_training", full_training_block),
+                        ("attention_bench", bench_block), ("seq_len_sweep", sweep_block)):
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
         if not pattern.search(text):
             sys.exit(f"README.md has no <!-- results:{name} --> ... <!-- /results:{name} --> markers")

@@ -28,13 +28,13 @@ def test_table_json_and_plot_come_from_the_runs(data_dir, tmp_path):
     results = tmp_path / "results"
     compare_attention.main(["--config", "tiny", "--backends", "naive", "sdpa", "--compile", "off",
                             "--results_dir", str(results), "--", f"--data_dir={data_dir}", *SMALL])
-    report = json.load(open(results / "compare_cpu.json"))
-    assert (results / "compare_cpu.png").stat().st_size > 10_000
-    table = (results / "compare_cpu.md").read_text()
+    report = json.load(open(results / "compare_tiny_cpu.json"))
+    assert (results / "compare_tiny_cpu.png").stat().st_size > 10_000
+    table = (results / "compare_tiny_cpu.md").read_text()
     rows = {r["backend"]: r for r in report["rows"]}
     assert set(rows) == {"naive", "sdpa"}
     for backend, row in rows.items():
-        metrics = [json.loads(line) for line in open(results / "runs" / "cpu" / f"{backend}-eager" / "metrics.jsonl")]
+        metrics = [json.loads(line) for line in open(results / "runs" / "cpu" / "tiny" / f"{backend}-eager" / "metrics.jsonl")]
         assert row["status"] == "ok" and row["final_step"] == 3 == metrics[-1]["step"]
         assert row["loss"] == metrics[-1]["loss"]
         assert row["ms"] == pytest.approx(np.mean([m["dt_ms"] for m in metrics[1:]]))
