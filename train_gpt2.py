@@ -9,14 +9,19 @@ config.json (the resolved settings), metrics.jsonl (one row per step) and summar
 machine and library versions: what results/ holds).
 """
 import dataclasses
+import datetime
 import difflib
+import gc
+import hashlib
 import json
 import math
 import os
 import platform
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import tomllib
 from contextlib import nullcontext
@@ -27,7 +32,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from attention import BACKENDS
-from data.shards import ShardLoader
+from data.loader import ShardLoader
+from data.tokenizer import gpt2_encoding
 from model import GPT, GPTConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -71,6 +77,7 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
     compile: bool = True  # torch.compile the whole model (fullgraph=True)
+    dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before the run fails
     seed: int = 1337
     out_dir: str = "out"
     timing_warmup: int = 10  # first steps left out of the mean ms/step: compilation, autotuning, allocator
@@ -202,8 +209,8 @@ def validate(cfg):
                 "sample_count", "sample_tokens"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative, got {getattr(cfg, key)}")
-    if cfg.grad_clip < 0 or cfg.keep_last < 1 or cfg.eval_batches < 1:
-        raise ConfigError("need grad_clip >= 0, keep_last >= 1 and eval_batches >= 1")
+    if cfg.grad_clip < 0 or cfg.keep_last < 1 or cfg.eval_batches < 1 or cfg.dist_timeout < 1:
+        raise ConfigError("need grad_clip >= 0, keep_last >= 1, eval_batches >= 1 and dist_timeout >= 1")
 
 
 def flat_config(cfg):
@@ -327,16 +334,17 @@ def checkpoint_dir(cfg, step):
     return os.path.join(cfg.out_dir, "checkpoints", f"step_{step:06d}")
 
 
-def complete_checkpoints(cfg):
-    """Complete checkpoints, oldest first; says which incomplete ones it passes over."""
+def complete_checkpoints(cfg, clean=False):
+    """Complete checkpoints, oldest first. Incomplete ones (an interrupted save) are named, and deleted if clean."""
     root = os.path.join(cfg.out_dir, "checkpoints")
     found = []
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         path = os.path.join(root, name)
         if re.fullmatch(r"step_\d{6}", name) and os.path.exists(os.path.join(path, "DONE")):
             found.append(path)
-        else:
-            print(f"skipping incomplete checkpoint {path} (interrupted save)")
+        elif clean:
+            print(f"skipping incomplete checkpoint {path} (interrupted save), and deleting it")
+            shutil.rmtree(path, ignore_errors=True)
     return found
 
 
@@ -425,7 +433,6 @@ def sample_encoding(cfg):
     if not cfg.eval_interval or not cfg.sample_prompt or not cfg.sample_count:
         return None
     try:
-        from data.tokenizer import gpt2_encoding
         encoding = gpt2_encoding()
     except RuntimeError as e:
         print(f"warning: no samples during evaluation: {e}")
@@ -468,6 +475,47 @@ def _read(path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Several processes: they must agree on the settings, and stop together.
+
+def check_same_config(cfg, world):
+    """Every rank must train with the same settings; compare a hash of them across ranks."""
+    if world == 1:
+        return
+    digest = hashlib.sha256(json.dumps(flat_config(cfg), sort_keys=True).encode()).digest()
+    mine = torch.tensor([int.from_bytes(digest[:7], "little")], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        mine = mine.cuda()
+    everyone = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    if len({t.item() for t in everyone}) != 1:
+        raise ConfigError("the ranks resolved different configurations (different config files or flags per machine?)")
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's pre-emption) or SIGINT asks to stop; the request is all-reduced with the loss, so
+    every rank stops after the same step, and a checkpoint is written when checkpointing is on. A second signal
+    takes the default action (stops at once)."""
+
+    def __init__(self):
+        self.signalled = False
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signalled = True
+        signal.signal(signum, signal.SIG_DFL)
+
+    def requested(self, rank, step, device):
+        return torch.tensor(float(self.signalled or FAULT == ("stop", rank, step)), device=device)
+
+
+# Fault injection for the tests: TRAIN_GPT2_FAULT="nan:RANK:STEP" makes that rank's loss NaN at that step;
+# "stop:RANK:STEP" makes that rank request a stop there.
+FAULT = (lambda f: (f[0], int(f[1]), int(f[2])) if len(f) == 3 else None)(os.environ.get("TRAIN_GPT2_FAULT", "").split(":"))
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     try:
@@ -480,26 +528,44 @@ def main(argv=None):
         loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, rank, world, cfg.model.vocab_size)
         val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.seq_len, rank, world,
                                  cfg.model.vocab_size) if cfg.eval_interval else None
-        if cfg.hellaswag and not os.path.isfile(cfg.hellaswag_path):
-            raise FileNotFoundError(f"hellaswag_path {cfg.hellaswag_path!r} does not exist; run python -m data.hellaswag")
+        if cfg.hellaswag:
+            if not os.path.isfile(cfg.hellaswag_path):
+                raise FileNotFoundError(f"hellaswag_path {cfg.hellaswag_path!r} does not exist; run python -m data.hellaswag")
+            gpt2_encoding()  # HellaSwag needs the tokenizer: find out now, not at the first evaluation
         encoding = sample_encoding(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    try:
+        train(cfg, device, rank, local_rank, world, accum, loader, val_loader, encoding)
+        # Free DDP's reducer and its communication buffers while the interpreter is whole, then leave together:
+        # a gloo worker thread still holding tensors at interpreter exit aborts the process.
+        gc.collect()
+        barrier(world)
+    except ConfigError as e:  # found only once the ranks could compare notes
+        sys.exit(f"error: {e}")
+    finally:
+        if ddp:
+            dist.destroy_process_group()
 
+
+def train(cfg, device, rank, local_rank, world, accum, loader, val_loader, encoding):
+    ddp, master = dist.is_initialized(), rank == 0
+    check_same_config(cfg, world)
+    stop = StopRequest()
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
     model = raw_model = GPT(cfg.model).to(device)
     optimizer = make_optimizer(raw_model, cfg, device)
     start_step = 0
-    resume_from = complete_checkpoints(cfg)[-1:] if cfg.resume == "auto" else [cfg.resume] if cfg.resume else []
+    resume_from = complete_checkpoints(cfg, clean=master)[-1:] if cfg.resume == "auto" else [cfg.resume] if cfg.resume else []
     if resume_from:
         try:
             start_step = load_checkpoint(cfg, resume_from[0], raw_model, optimizer, loader, rank, device)
         except (ConfigError, ValueError) as e:
-            sys.exit(f"error: {e}")
+            sys.exit(f"error: {e}")  # every rank reads the same checkpoint, so every rank stops here
     if cfg.compile:
         model = torch.compile(model, fullgraph=True)
     compiled = model  # evaluation calls this one: DDP's wrapper is for training steps
@@ -559,16 +625,21 @@ def main(argv=None):
                     _, loss = model(x, y)
                 (loss / accum).backward()
             loss_sum += loss.detach()
+        if FAULT == ("nan", rank, step):
+            loss_sum = loss_sum * float("nan")
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
-        if ddp:  # the mean over ranks (gloo has no AVG)
-            dist.all_reduce(loss_sum)
-        loss, grad_norm = (torch.stack([loss_sum / (accum * world), grad_norm]).tolist())  # waits for the step
+        # One all-reduce and one host sync per step: the mean loss, and whether any rank was asked to stop.
+        flags = torch.stack([loss_sum / (accum * world), stop.requested(rank, step, device)])
+        if ddp:  # SUM: gloo has no AVG
+            dist.all_reduce(flags)
+        loss, stops = flags.tolist()  # waits for the step to finish
+        grad_norm = grad_norm.item()  # already computed by now: a copy, not a wait
         dt = time.perf_counter() - t0
         if not math.isfinite(loss):  # every rank sees the same all-reduced loss, so all stop here together
             if master:
                 print(f"error: non-finite loss at step {step}; stopping before any checkpoint of this state")
-            shutdown(ddp)
+            barrier(world)  # all ranks are here: leave together, so none aborts the others on shutdown
             sys.exit(1)
         if master:
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
@@ -581,8 +652,12 @@ def main(argv=None):
                 run.log(row, step=step)
             print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.4f} | {1e3 * dt:8.2f} ms | "
                   f"{tokens_per_step / dt:10,.0f} tok/s | MFU {'n/a' if peak is None else format(row['mfu'], '.1%')} | {mem:.2f} GiB")
-        if cfg.checkpoint_interval and ((step + 1) % cfg.checkpoint_interval == 0 or last):
+        if stops and master:
+            print(f"stop requested (by {int(stops)} rank(s)) at step {step}: every rank stops after it")
+        if cfg.checkpoint_interval and ((step + 1) % cfg.checkpoint_interval == 0 or last or stops):
             save_checkpoint(cfg, step + 1, raw_model, optimizer, loader, rank, world)
+        if stops:
+            break
 
     if ddp:  # DDP should keep every rank's parameters identical; check it rather than assume it
         checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1)
@@ -600,13 +675,6 @@ def main(argv=None):
             print(f"final: step {summary['final_step']} loss {summary['final_loss']:.6f} | {summary['timing']}")
         if run:
             run.finish()
-    shutdown(ddp)
-
-
-def shutdown(ddp):
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def open_log(path, start_step):

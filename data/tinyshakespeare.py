@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 
 from data.shards import write_shard
-from data.tokenizer import gpt2_encoding
+from data.tokenizer import gpt2_encoding_or_exit
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -36,10 +36,7 @@ def main(argv=None):
     p.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyshakespeare"))
     args = p.parse_args(argv)
 
-    try:
-        enc = gpt2_encoding()  # first: without the BPE files nothing else is worth doing
-    except RuntimeError as e:
-        raise SystemExit(f"error: {e}")
+    enc = gpt2_encoding_or_exit()  # first: without the BPE files nothing else is worth doing
     if args.input:
         with open(args.input, encoding="utf-8") as f:
             text = f.read()

@@ -12,3 +12,11 @@ def gpt2_encoding():
             "Without internet, put them in a directory and set TIKTOKEN_CACHE_DIR to it (see README); "
             "training on already prepared tokens needs neither."
         ) from e
+
+
+def gpt2_encoding_or_exit():
+    """For the preparation commands: the encoding, or an exit with the message above instead of a traceback."""
+    try:
+        return gpt2_encoding()
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None

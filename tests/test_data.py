@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from data import tinyshakespeare
-from data.shards import HEADER_INTS, ShardLoader, read_shard, write_shard
+from data.loader import ShardLoader
+from data.shards import HEADER_INTS, read_shard, write_shard
 
 
 def make_shard(tmp_path, n, name="x_train_000000.bin"):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.shards import ShardLoader, write_shard
+from data.loader import ShardLoader
+from data.shards import write_shard
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

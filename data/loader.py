@@ -1,0 +1,63 @@
+"""The training loader: batches from the token shards of a split (format: data/shards.py)."""
+import numpy as np
+import torch
+
+from data.shards import find_shards, read_shard
+
+
+class ShardLoader:
+    """Batches of B sequences of T tokens, read in order: for one shard, the classic step-49 reference's batches.
+
+    The shards of a split are one stream of tokens, in file order. A step's global batch is the stretch of
+    world·B·T tokens at `pos`; rank r takes the window stream[pos + r·B·T : pos + (r+1)·B·T + 1], with
+    x = window[:-1], y = window[1:]. A window may run from one shard into the next, so no window is dropped or
+    repeated at a shard boundary. When the next global batch would run past the end of the stream, `pos`
+    returns to 0: every rank wraps at the same step, and world ranks read exactly the rows that one process with
+    world·B rows would read. `pos` is the whole state, so a checkpoint made with one world size resumes with another.
+    """
+
+    def __init__(self, data_dir, split, B, T, rank=0, world=1, vocab_size=None):
+        self.B, self.T, self.rank, self.world = B, T, rank, world
+        self.paths = find_shards(data_dir, split)
+        self.shards = [read_shard(p) for p in self.paths]
+        for path, tokens in zip(self.paths, self.shards):
+            if len(tokens) == 0:
+                raise ValueError(f"{path}: empty shard; prepare the data again")
+            # Fail now, with the file named, rather than with a CUDA assert in the embedding mid-run.
+            if vocab_size is not None and int(tokens.max()) >= vocab_size:
+                raise ValueError(f"{path}: token id {int(tokens.max())} >= vocab_size {vocab_size}")
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset of each shard
+        if self.starts[-1] < B * T * world + 1:
+            raise ValueError(f"{', '.join(self.paths)}: {self.starts[-1]} '{split}' tokens, fewer than one step needs "
+                             f"(batch_size*seq_len*world+1 = {B * T * world + 1}); use more data or a smaller batch")
+        self.pos = 0
+
+    def _read(self, start, n):
+        """stream[start : start + n], gathered from as many shards as it spans."""
+        pieces, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while n > 0:
+            offset = start - self.starts[i]
+            piece = self.shards[i][offset : offset + n]
+            pieces.append(piece)
+            start, n, i = start + len(piece), n - len(piece), i + 1
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def next_batch(self):
+        B, T, step_tokens = self.B, self.T, self.B * self.T * self.world
+        window = torch.from_numpy(self._read(self.pos + self.rank * B * T, B * T + 1).astype(np.int64))
+        self.pos += step_tokens
+        if self.pos + step_tokens + 1 > self.starts[-1]:
+            self.pos = 0
+        return window[:-1].view(B, T), window[1:].view(B, T)
+
+    def reset(self):
+        self.pos = 0
+
+    def state_dict(self):
+        return {"pos": int(self.pos), "tokens": int(self.starts[-1])}
+
+    def load_state_dict(self, state):
+        if state["tokens"] != self.starts[-1]:
+            raise ValueError(f"the checkpoint was made on {state['tokens']} tokens of data, {', '.join(self.paths)} "
+                             f"hold {self.starts[-1]}: the data changed, so its position cannot be restored")
+        self.pos = state["pos"]

@@ -1,0 +1,86 @@
+"""Faults across processes (torchrun, gloo, CPU): NaN on one rank, a stop request on one rank, data that wraps,
+resuming on another world size. Each run has a 30 s collective timeout and a subprocess timeout, so a regression
+that would hang fails instead."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data.shards import write_shard
+from model import GPT, GPTConfig
+from test_train import read_metrics, train
+
+DIST = ["--dist_timeout=30", "--batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
+    write_shard(d / "synthetic_train_000000.bin", np.random.default_rng(0).integers(0, 128, 4000))
+    return d
+
+
+def test_nan_on_one_rank_stops_every_rank_without_saving_it(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAIN_GPT2_FAULT", "nan:1:2")
+    run = train(f"--data_dir={data_dir}", *DIST, "--max_steps=6", "--checkpoint_interval=1", f"--out_dir={tmp_path}", nproc=2)
+    assert run.returncode != 0
+    assert "non-finite loss at step 2" in run.stdout
+    assert "exitcode  : 1" in run.stderr  # torchrun's report: the workers exited with 1, not killed by a timeout
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000001", "step_000002"]  # the states after steps 0, 1
+
+
+def test_a_stop_request_on_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAIN_GPT2_FAULT", "stop:1:2")
+    run = train(f"--data_dir={data_dir}", *DIST, "--max_steps=6", "--checkpoint_interval=100", f"--out_dir={tmp_path}", nproc=2)
+    assert run.returncode == 0, run.stderr
+    assert "stop requested (by 1 rank(s)) at step 2" in run.stdout
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+    assert os.listdir(tmp_path / "checkpoints") == ["step_000003"]  # saved on the way out
+    assert "parameters identical on all 2 ranks: yes" in run.stdout
+
+
+def test_only_rank_zero_writes_logs(data_dir, tmp_path):
+    run = train(f"--data_dir={data_dir}", *DIST, "--max_steps=5", f"--out_dir={tmp_path}", nproc=2)
+    assert run.returncode == 0, run.stderr
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "evals.jsonl", "metrics.jsonl", "summary.json"]
+    assert len(read_metrics(tmp_path)) == 5
+    assert run.stdout.count("final: step 4") == 1
+
+
+def test_data_that_wraps_every_few_steps_never_hangs(tmp_path):
+    write_shard(tmp_path / "small_train_000000.bin", np.random.default_rng(1).integers(0, 128, 200))
+    # 2 ranks x 2 x 16 tokens = 64 a step: the stream wraps every 3 steps, on both ranks at once
+    run = train(f"--data_dir={tmp_path}", *DIST, "--max_steps=8", f"--out_dir={tmp_path / 'out'}", nproc=2)
+    assert run.returncode == 0, run.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "out")] == list(range(8))
+
+
+def test_resume_on_another_number_of_processes(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", *DIST, "--checkpoint_interval=2", f"--out_dir={tmp_path}"]
+    assert train(*common, "--max_steps=2").returncode == 0
+    run = train(*common, "--max_steps=4", "--resume=auto", nproc=2)
+    assert run.returncode == 0, run.stderr
+    assert "at step 2" in run.stdout and [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_backends_train_alike_for_20_steps():
+    """Same seed, same batches, 20 AdamW steps: naive and sdpa (fp32, CPU) stay within 1e-4 of each other."""
+    losses = {}
+    for attention in ("naive", "sdpa"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32, attention=attention))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(1)
+        losses[attention] = []
+        for _ in range(20):
+            # learnable: each next token is the previous one + 1
+            idx = (torch.randint(0, 101, (4, 1), generator=g) + torch.arange(25)) % 101
+            loss = model(idx[:, :-1], idx[:, 1:])[1]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[attention].append(loss.item())
+    assert losses["naive"][-1] < losses["naive"][0] - 0.1  # it learned something: the comparison means something
+    np.testing.assert_allclose(losses["naive"], losses["sdpa"], rtol=0, atol=1e-4)
