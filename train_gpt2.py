@@ -525,7 +525,7 @@ def main(argv=None):
         device = resolve_device(cfg.device, local_rank)
         accum = grad_accum_steps(cfg, world)
         # The data is checked before the model is built or a process group started: a bad file fails in seconds.
-        loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, rank, world, cfg.model.vocab_size)
+        loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, rank, world, cfg.model.vocab_size, accum)
         val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, cfg.seq_len, rank, world,
                                  cfg.model.vocab_size) if cfg.eval_interval else None
         if cfg.hellaswag:

@@ -8,16 +8,17 @@ from data.shards import find_shards, read_shard
 class ShardLoader:
     """Batches of B sequences of T tokens, read in order: for one shard, the classic step-49 reference's batches.
 
-    The shards of a split are one stream of tokens, in file order. A step's global batch is the stretch of
+    The shards of a split are one stream of tokens, in file order. A micro-step's global batch is the stretch of
     world·B·T tokens at `pos`; rank r takes the window stream[pos + r·B·T : pos + (r+1)·B·T + 1], with
     x = window[:-1], y = window[1:]. A window may run from one shard into the next, so no window is dropped or
-    repeated at a shard boundary. When the next global batch would run past the end of the stream, `pos`
-    returns to 0: every rank wraps at the same step, and world ranks read exactly the rows that one process with
-    world·B rows would read. `pos` is the whole state, so a checkpoint made with one world size resumes with another.
+    repeated at a shard boundary. An optimizer step reads `accum` micro-steps; when the next step's
+    accum·world·B·T tokens would run past the end of the stream, `pos` returns to 0. So every rank wraps at the
+    same step, and any split of a step's tokens into processes and micro-steps (world·accum constant) reads the
+    same rows. `pos` is the whole state, so a checkpoint made with one world size resumes with another.
     """
 
-    def __init__(self, data_dir, split, B, T, rank=0, world=1, vocab_size=None):
-        self.B, self.T, self.rank, self.world = B, T, rank, world
+    def __init__(self, data_dir, split, B, T, rank=0, world=1, vocab_size=None, accum=1):
+        self.B, self.T, self.rank, self.world, self.accum = B, T, rank, world, accum
         self.paths = find_shards(data_dir, split)
         self.shards = [read_shard(p) for p in self.paths]
         for path, tokens in zip(self.paths, self.shards):
@@ -27,10 +28,12 @@ class ShardLoader:
             if vocab_size is not None and int(tokens.max()) >= vocab_size:
                 raise ValueError(f"{path}: token id {int(tokens.max())} >= vocab_size {vocab_size}")
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset of each shard
-        if self.starts[-1] < B * T * world + 1:
+        self.step_tokens = accum * world * B * T
+        if self.starts[-1] < self.step_tokens + 1:
             raise ValueError(f"{', '.join(self.paths)}: {self.starts[-1]} '{split}' tokens, fewer than one step needs "
-                             f"(batch_size*seq_len*world+1 = {B * T * world + 1}); use more data or a smaller batch")
-        self.pos = 0
+                             f"(micro-steps*processes*batch_size*seq_len+1 = {self.step_tokens + 1}); "
+                             "use more data or a smaller batch")
+        self.pos = self.micro = 0
 
     def _read(self, start, n):
         """stream[start : start + n], gathered from as many shards as it spans."""
@@ -43,17 +46,18 @@ class ShardLoader:
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
     def next_batch(self):
-        B, T, step_tokens = self.B, self.T, self.B * self.T * self.world
+        B, T = self.B, self.T
         window = torch.from_numpy(self._read(self.pos + self.rank * B * T, B * T + 1).astype(np.int64))
-        self.pos += step_tokens
-        if self.pos + step_tokens + 1 > self.starts[-1]:
+        self.pos += self.world * B * T
+        self.micro = (self.micro + 1) % self.accum
+        if self.micro == 0 and self.pos + self.step_tokens + 1 > self.starts[-1]:
             self.pos = 0
         return window[:-1].view(B, T), window[1:].view(B, T)
 
     def reset(self):
-        self.pos = 0
+        self.pos = self.micro = 0
 
-    def state_dict(self):
+    def state_dict(self):  # taken between optimizer steps, where micro == 0
         return {"pos": int(self.pos), "tokens": int(self.starts[-1])}
 
     def load_state_dict(self, state):

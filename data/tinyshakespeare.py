@@ -33,6 +33,8 @@ def download():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", help="a local copy of input.txt (or any UTF-8 text) instead of downloading")
+    p.add_argument("--repeat", type=int, default=1, help="repeat the tokens this many times in the train shard, for "
+                   "throughput runs whose steps (2^19 tokens in configs/gpt2_124m.toml) exceed the 338,025 tokens")
     p.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyshakespeare"))
     args = p.parse_args(argv)
 
@@ -44,7 +46,7 @@ def main(argv=None):
         text = download()
     tokens = np.array(enc.encode_ordinary(text), dtype=np.uint16)
     os.makedirs(args.out_dir, exist_ok=True)
-    for split, part in (("train", tokens), ("val", tokens[len(tokens) * 9 // 10:])):
+    for split, part in (("train", np.tile(tokens, args.repeat)), ("val", tokens[len(tokens) * 9 // 10:])):
         path = os.path.join(args.out_dir, f"tinyshakespeare_{split}_000000.bin")
         write_shard(path, part)
         print(f"wrote {len(part):,} tokens to {path}")

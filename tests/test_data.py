@@ -69,6 +69,17 @@ def test_ranks_read_the_rows_of_one_process_with_world_times_the_batch(tmp_path)
         assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
 
 
+def test_any_split_into_processes_and_micro_steps_reads_the_same_rows(tmp_path):
+    make_shard(tmp_path, 700)  # 5 steps of 128 tokens fit (640 + 1), then the stream wraps: for every split alike
+    def rows(world, accum):
+        loaders = [ShardLoader(tmp_path, "train", 8 // (world * accum), 16, r, world, accum=accum) for r in range(world)]
+        out = []
+        for _ in range(12 * accum):  # 12 optimizer steps
+            out += [x for loader in loaders for x in loader.next_batch()[0]]
+        return sorted(map(tuple, torch.stack(out).tolist()))  # the multiset of rows read
+    assert rows(1, 1) == rows(2, 1) == rows(1, 2) == rows(2, 4) == rows(8, 1)
+
+
 def test_loader_cycles_through_shards(tmp_path):
     write_shard(tmp_path / "x_train_000000.bin", np.arange(0, 20, dtype=np.uint16))
     write_shard(tmp_path / "x_train_000001.bin", np.arange(100, 120, dtype=np.uint16))
@@ -102,8 +113,10 @@ def test_loader_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no 'train' shards"):
         ShardLoader(tmp_path, "train", 1, 4)
     make_shard(tmp_path, 8)
-    with pytest.raises(ValueError, match="x_train_000000.bin: 8 'train' tokens, fewer than one step"):
+    with pytest.raises(ValueError, match=r"x_train_000000.bin: 8 'train' tokens, fewer than one step needs .* = 9\)"):
         ShardLoader(tmp_path, "train", 2, 4)
+    with pytest.raises(ValueError, match=r"fewer than one step needs .* = 17\)"):
+        ShardLoader(tmp_path, "train", 1, 4, accum=4)
     with pytest.raises(ValueError, match="token id 7 >= vocab_size 5"):
         ShardLoader(tmp_path, "train", 1, 4, vocab_size=5)
 
@@ -117,6 +130,8 @@ def test_prepare_tinyshakespeare_from_local_text(tmp_path):
     expected = tiktoken.get_encoding("gpt2").encode(text)
     assert read_shard(tmp_path / "out" / "tinyshakespeare_train_000000.bin").tolist() == expected
     assert read_shard(tmp_path / "out" / "tinyshakespeare_val_000000.bin").tolist() == expected[len(expected) * 9 // 10:]
+    tinyshakespeare.main(["--input", str(tmp_path / "input.txt"), "--out_dir", str(tmp_path / "x3"), "--repeat", "3"])
+    assert read_shard(tmp_path / "x3" / "tinyshakespeare_train_000000.bin").tolist() == expected * 3
 
 
 def test_prepare_without_bpe_files_names_the_fix(tmp_path, monkeypatch):
