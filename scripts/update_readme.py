@@ -12,6 +12,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from compare_attention import markdown_table  # noqa: E402
+import scaling  # noqa: E402
 
 
 def load(path):
@@ -50,6 +51,18 @@ def step49_block():
 
 def full_training_block():
     return "\n".join(comparison_block("gpt2_124m_short"))
+
+
+def scaling_block():
+    out = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", "scaling_*.json"))):
+        report = load(path)
+        if not report.get("gpu"):
+            continue
+        out += [f"**{report['nproc']} x {report['gpu']}**, {report['config']}, {report['total_batch_size']:,} tokens per "
+                f"step (`results/{os.path.basename(path)}`; {report['timing']}):", "", scaling.markdown_table(report), "",
+                f"<sub>{provenance(report)}</sub>", ""]
+    return "\n".join(out)
 
 
 def cell(r, kind):
@@ -92,7 +105,7 @@ def sweep_block():
 def main():
     path = os.path.join(ROOT, "README.md")
     text = open(path).read()
-    for name, block in (("step49", step49_block), ("full_training", full_training_block),
+    for name, block in (("step49", step49_block), ("full_training", full_training_block), ("scaling", scaling_block),
                         ("attention_bench", bench_block), ("seq_len_sweep", sweep_block)):
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
         if not pattern.search(text):
