@@ -276,7 +276,7 @@ def summarize(rows, cfg, env, world, tokens_per_step, mfu):
     if not timed:
         timing = f"no ms/step mean: all {len(rows)} steps are within timing_warmup={cfg.timing_warmup}"
     else:
-        timing = f"{mean_ms:.2f} ms/step, mean over steps {timed[0]['step']}-{timed[-1]['step']}"
+        timing = f"mean over steps {timed[0]['step']}-{timed[-1]['step']}"
         if cfg.timing_warmup:
             timing += f" (the first {cfg.timing_warmup} left out as warm-up)"
     return dict(**env, world_size=world, config=flat_config(cfg), final_step=rows[-1]["step"],
@@ -672,7 +672,8 @@ def train(cfg, device, rank, local_rank, world, accum, loader, val_loader, encod
             summary = summarize(rows, cfg, env, world, tokens_per_step, mfu)
             with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
-            print(f"final: step {summary['final_step']} loss {summary['final_loss']:.6f} | {summary['timing']}")
+            ms = f"{summary['mean_ms']:.2f} ms/step, " if summary["mean_ms"] else ""
+            print(f"final: step {summary['final_step']} loss {summary['final_loss']:.6f} | {ms}{summary['timing']}")
         if run:
             run.finish()
 

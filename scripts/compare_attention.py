@@ -22,7 +22,7 @@ from train_gpt2 import gpu_slug  # noqa: E402
 
 
 def run_one(backend, compile, args, out_dir):
-    """Train once; return the table row for it."""
+    """Train once; return the table row for it and the run's summary (None if it failed)."""
     mode = "compile" if compile else "eager"
     launcher = [sys.executable] if args.nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
@@ -33,21 +33,28 @@ def run_one(backend, compile, args, out_dir):
     log_path = os.path.join(out_dir, "log.txt")
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    with open(log_path) as log:
-        lines = log.read().splitlines()
-    summary_path = os.path.join(out_dir, "summary.json")
+    row, summary = read_run(backend, compile, out_dir, proc.returncode)
+    print(f"   {row['status']}: {row['error']}" if summary is None else f"   {row['ms']:.2f} ms/step, loss {row['loss']:.6f}",
+          flush=True)
+    return row, summary
+
+
+def read_run(backend, compile, out_dir, returncode=0):
+    """The table row of a finished run, from the files it wrote: its summary.json, or its log if it failed."""
     row = dict(backend=backend, compile=compile, out_dir=os.path.relpath(out_dir, ROOT))
-    if proc.returncode != 0 or not os.path.exists(summary_path):
+    summary_path = os.path.join(out_dir, "summary.json")
+    if returncode != 0 or not os.path.exists(summary_path):
+        log_path = os.path.join(out_dir, "log.txt")
+        lines = open(log_path).read().splitlines() if os.path.exists(log_path) else ["no log"]
         oom = any("out of memory" in line.lower() for line in lines)
-        row.update(status="out of memory" if oom else f"failed (exit {proc.returncode})",
+        row.update(status="out of memory" if oom else f"failed (exit {returncode})",
                    error=next((l for l in reversed(lines) if l.strip()), ""))
-        print(f"   {row['status']}: {row['error']}", flush=True)
         return row, None
     with open(summary_path) as f:
         summary = json.load(f)
     row.update(status="ok", final_step=summary["final_step"], loss=summary["final_loss"], ms=summary["mean_ms"],
-               tok_per_s=summary["mean_tok_per_s"], mfu=summary["mean_mfu"], peak_mem_gib=summary["peak_mem_gib"])
-    print(f"   {lines[-1]}", flush=True)
+               tok_per_s=summary["mean_tok_per_s"], mfu=summary["mean_mfu"], peak_mem_gib=summary["peak_mem_gib"],
+               command=summary["command"])
     return row, summary
 
 
@@ -117,7 +124,8 @@ def main(argv=None):
 
     import torch  # after argument parsing, so that --help is instant
 
-    gpu = gpu_slug(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    gpu = gpu_slug(gpu_name)
     name = os.path.splitext(os.path.basename(args.config))[0]
     rows, summaries = [], {}
     for compile in [c == "on" for c in args.compile]:
@@ -131,7 +139,7 @@ def main(argv=None):
 
     first = next(iter(summaries.values()), {})
     env = {k: first.get(k) for k in ("gpu", "torch", "triton", "cuda", "cudnn", "python", "date")}
-    title = f"{name} on {args.nproc} x {env['gpu'] or 'CPU'}"
+    title = f"{name} on {args.nproc} x {gpu_name or 'CPU'}"
     report = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv), config=args.config,
                   nproc=args.nproc, overrides=args.overrides, **env,
                   timing=first.get("timing"), rows=rows)

@@ -21,9 +21,13 @@ def load(path):
 
 
 def provenance(report):
-    v = report.get("versions", report)
-    return (f"{report['gpu']}, torch {v['torch']}, triton {v['triton']}, CUDA {v.get('cuda')}, cuDNN {v.get('cudnn')}, "
-            f"{report['date']}. Command: `{report['command']}`")
+    return (f"{report['gpu']}, torch {report['torch']}, triton {report['triton']}, CUDA {report['cuda']}, "
+            f"cuDNN {report['cudnn']}, {report['date']}. Command: `{report['command']}`")
+
+
+def timing(report):
+    # Records written before the fix of 2026-11-24 start this text with the first run's ms/step: not every row's.
+    return re.sub(r"^[\d.]+ ms/step, ", "", report["timing"])
 
 
 def comparison_block(config):
@@ -34,7 +38,7 @@ def comparison_block(config):
         if not report.get("gpu"):
             continue  # CPU trial runs are not results
         name = os.path.basename(path)[:-5]
-        out += [f"**{report['nproc']} x {report['gpu']}** (`results/{name}.json`; ms/step: {report['timing']}):", "",
+        out += [f"**{report['nproc']} x {report['gpu']}** (`results/{name}.json`; ms/step: {timing(report)}):", "",
                 markdown_table(report["rows"]), "", f"<sub>{provenance(report)}</sub>", "",
                 f"![loss curves and ms/step](results/{name}.png)", ""]
     return out
@@ -60,7 +64,7 @@ def scaling_block():
         if not report.get("gpu"):
             continue
         out += [f"**{report['nproc']} x {report['gpu']}**, {report['config']}, {report['total_batch_size']:,} tokens per "
-                f"step (`results/{os.path.basename(path)}`; {report['timing']}):", "", scaling.markdown_table(report), "",
+                f"step (`results/{os.path.basename(path)}`; {timing(report)}):", "", scaling.markdown_table(report), "",
                 f"<sub>{provenance(report)}</sub>", ""]
     return "\n".join(out)
 
@@ -110,7 +114,8 @@ def main():
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
         if not pattern.search(text):
             sys.exit(f"README.md has no <!-- results:{name} --> ... <!-- /results:{name} --> markers")
-        text = pattern.sub(lambda m: m.group(1) + block() + "\n" + m.group(2), text)
+        content = block().strip() or "_No results yet._"
+        text = pattern.sub(lambda m: m.group(1) + content + "\n" + m.group(2), text)
     with open(path, "w") as f:
         f.write(text)
     print(f"updated {path}")

@@ -1,0 +1,174 @@
+"""Benchmark the causal attention backends on the GPU: forward, backward and forward+backward.
+
+    python scripts/bench_attention.py                  # GPT-2 shape and a D=128 shape; writes results/attention_bench_<gpu>.json
+    python scripts/bench_attention.py --variant v2=path/to/other_triton.py   # extra rows for kernel experiments
+
+Median of triton.testing.do_bench (L2 flushed before each repeat). FLOPs: forward 4·B·H·T²·D/2 (causal halves the
+dense count), backward 2.5× forward, forward+backward 3.5× forward. q, k, v are the strided views the model makes
+(split of a (B, T, 3C) projection, view, transpose). Forward is timed in training mode (inputs require grad, so
+every backend saves what its backward needs); backward is torch.autograd.grad of the attention output w.r.t.
+q, k, v (no qkv gradient assembly); peak memory is the extra allocation of one forward+backward.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+import torch._functorch.config
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from attention import naive, sdpa  # noqa: E402
+from attention import triton as triton_attention  # noqa: E402
+from train_gpt2 import environment, gpu_slug  # noqa: E402
+
+SHAPES = {"gpt2 B16 H12 T1024 D64": (16, 12, 1024, 64), "B16 H6 T1024 D128": (16, 6, 1024, 128)}
+SDPA_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def forced_sdpa(backend):
+    def attn(q, k, v):
+        # The forward picks the kernel and records its matching backward, so forcing the forward is enough.
+        with sdpa_kernel([getattr(SDPBackend, backend)]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attn
+
+
+def load_variant(name, path):
+    spec = importlib.util.spec_from_file_location(f"attention_variant_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def backends(variants):
+    # Lets the compiled naive backward be timed repeatedly on one graph (retain_graph=True).
+    torch._functorch.config.donated_buffer = False
+    rows = {"naive": naive.causal_attention,
+            "naive + torch.compile": torch.compile(naive.causal_attention, fullgraph=True),
+            "sdpa default": sdpa.causal_attention}
+    rows.update({f"sdpa {b}": forced_sdpa(b) for b in SDPA_BACKENDS})
+    rows["triton"] = triton_attention.causal_attention
+    for name, module in variants.items():
+        rows[f"triton {name}"] = module.causal_attention
+    return rows
+
+
+def views(B, H, T, D, dtype=torch.bfloat16):
+    qkv = torch.randn(B, T, 3 * H * D, device="cuda", dtype=dtype, requires_grad=True)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    return qkv, q, k, v, torch.randn(B, H, T, D, device="cuda", dtype=dtype)
+
+
+def measure(fn, B, H, T, D):
+    qkv, q, k, v, do = views(B, H, T, D)
+    bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")  # noqa: E731
+    fwd = lambda: fn(q, k, v)  # noqa: E731
+    fwd_bwd = lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do)  # noqa: E731
+    fwd_bwd()  # compile / autotune / pick kernels outside the timings
+    torch.cuda.synchronize()
+    out = fn(q, k, v)
+    bwd = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
+    t_fwd, t_bwd, t_both = bench(fwd), bench(bwd), bench(fwd_bwd)
+    del out
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    flops = 4 * B * H * T * T * D / 2
+    return {"fwd_ms": t_fwd, "bwd_ms": t_bwd, "fwd_bwd_ms": t_both, "peak_mib": peak,
+            "fwd_tflops": flops / t_fwd * 1e-9, "bwd_tflops": 2.5 * flops / t_bwd * 1e-9,
+            "fwd_bwd_tflops": 3.5 * flops / t_both * 1e-9}
+
+
+def tuned_configs(module):
+    """The autotuner's winners, per (key, dtypes), for the record."""
+    out = {}
+    for kernel in ("_attn_fwd_tuned", "_attn_bwd_dq_tuned", "_attn_bwd_dkdv_tuned"):
+        out[kernel] = {str(k): str(c) for k, c in getattr(module, kernel).cache.items()}
+    return out
+
+
+def ratios(rows):
+    """The figures the targets refer to: triton vs SDPA's default (cuDNN on the H100; no Python context manager
+    around the call, unlike the forced rows) and vs its FlashAttention-2 backend."""
+    t, cudnn, flash = rows.get("triton"), rows.get("sdpa default"), rows.get("sdpa FLASH_ATTENTION")
+    if not t or "error" in t:
+        return {}
+    r = {"fwd+bwd time / (fwd + bwd)": t["fwd_bwd_ms"] / (t["fwd_ms"] + t["bwd_ms"])}
+    if cudnn and "error" not in cudnn:
+        r["fwd+bwd vs sdpa default (must >= 0.9, goal >= 1.05)"] = t["fwd_bwd_tflops"] / cudnn["fwd_bwd_tflops"]
+        r["fwd vs sdpa default (goal >= 1.0)"] = t["fwd_tflops"] / cudnn["fwd_tflops"]
+        r["bwd vs sdpa default"] = t["bwd_tflops"] / cudnn["bwd_tflops"]
+    if flash and "error" not in flash:
+        r["fwd vs FLASH (must >= 1.2)"] = t["fwd_tflops"] / flash["fwd_tflops"]
+        r["bwd vs FLASH (must >= 1.2)"] = t["bwd_tflops"] / flash["bwd_tflops"]
+    return r
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
+                        help="also time the causal_attention of another copy of the triton backend (its custom ops "
+                             "need their own namespace)")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of: " + ", ".join(SHAPES))
+    parser.add_argument("--out", default=None, help="JSON path (default results/attention_bench_<gpu>.json)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU")
+
+    env = environment(torch.device("cuda"))
+    gpu = env["gpu"]
+    print(f"GPU: {gpu} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | cuDNN {env['cudnn']}", flush=True)
+    variants = {n: load_variant(n, p) for n, p in (v.split("=", 1) for v in args.variant)}
+    fns = backends(variants)
+
+    results = {}
+    for shape_name in args.shapes.split(","):
+        B, H, T, D = SHAPES[shape_name]
+        rows = results.setdefault(shape_name, {"shape": dict(B=B, H=H, T=T, D=D, dtype="bfloat16"), "rows": {}})["rows"]
+        for name, fn in fns.items():
+            try:
+                rows[name] = measure(fn, B, H, T, D)
+            except torch.cuda.OutOfMemoryError:
+                rows[name] = {"error": "out of memory"}
+            except RuntimeError as e:  # e.g. a forced SDPA backend that cannot run this shape
+                rows[name] = {"error": str(e).strip().splitlines()[0][:160]}
+            torch.cuda.empty_cache()
+            print(f"  {shape_name:24s} {name:28s} {rows[name]}", flush=True)
+        results[shape_name]["ratios"] = ratios(rows)
+
+    record = {**env, "flops": "fwd = 4*B*H*T^2*D/2 (causal); bwd = 2.5 x fwd; fwd+bwd = 3.5 x fwd",
+              "timing": "triton.testing.do_bench median, L2 flushed; bf16; strided q/k/v views",
+              "results": results, "triton_autotuned": tuned_configs(triton_attention),
+              "variants": {n: p for n, p in (v.split("=", 1) for v in args.variant)}}
+    out = args.out or os.path.join(ROOT, "results", f"attention_bench_{gpu_slug(gpu)}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=1)
+
+    print(f"\n{gpu} | torch {env['torch']} | triton {env['triton']} | cuDNN {env['cudnn']}")
+    for shape_name, res in results.items():
+        print(f"\n{shape_name}, bf16, causal   (ms and TFLOP/s)")
+        print(f"{'backend':28s} {'fwd':>15s} {'bwd':>15s} {'fwd+bwd':>15s} {'peak MiB':>9s}")
+        for name, r in res["rows"].items():
+            if "error" in r:
+                print(f"{name:28s} unavailable: {r['error']}")
+                continue
+            cells = [f"{r[k + '_ms']:.3f} ({r[k + '_tflops']:4.0f})" for k in ("fwd", "bwd", "fwd_bwd")]
+            print(f"{name:28s} {cells[0]:>15s} {cells[1]:>15s} {cells[2]:>15s} {r['peak_mib']:9.0f}")
+        for k, v in res["ratios"].items():
+            print(f"  triton {k}: {v:.3f}")
+    print(f"\nautotuned: {json.dumps(record['triton_autotuned'], indent=1)}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
