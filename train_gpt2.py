@@ -523,6 +523,9 @@ def main(argv=None):
         ddp = "RANK" in os.environ  # set by torchrun
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
         device = resolve_device(cfg.device, local_rank)
+        if cfg.model.attention == "triton":
+            from attention.triton import check_device  # triton is imported only by those who ask for it
+            check_device(device)
         accum = grad_accum_steps(cfg, world)
         # The data is checked before the model is built or a process group started: a bad file fails in seconds.
         loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, rank, world, cfg.model.vocab_size, accum)

@@ -451,8 +451,13 @@ def _check(q, k, v):
                          f"{q.dtype}, {k.dtype}, {v.dtype}; {hint}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    if q.device.type != "cuda" and not _INTERPRET:
-        where = "this machine has no CUDA GPU" if not torch.cuda.is_available() else f"the inputs are on {q.device}"
+    check_device(q.device)
+
+
+def check_device(device):
+    """Fail, naming the fix, where these kernels cannot run: the trainer calls this before it builds anything."""
+    if device.type != "cuda" and not _INTERPRET:
+        where = "this machine has no CUDA GPU" if not torch.cuda.is_available() else f"the inputs are on {device}"
         raise RuntimeError(f"triton attention needs CUDA tensors and {where}; use `--attention sdpa`, or set "
                            f"TRITON_INTERPRET=1 before importing it to run the kernels in Triton's CPU interpreter "
                            f"(tests only, slow)")

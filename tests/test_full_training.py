@@ -132,3 +132,38 @@ def test_wandb_offline_without_an_api_key(data_dir, tmp_path, monkeypatch):
     assert "no W&B API key" in run.stdout
     assert any(name.startswith("offline-run-") for name in os.listdir(tmp_path / "wandb"))
     assert len(read_metrics(tmp_path)) == 2  # local logs regardless
+
+
+def test_hellaswag_during_training_equals_a_direct_evaluation(tmp_path):
+    """The trainer's HellaSwag figure at step 0 against data.hellaswag.evaluate on a fresh model (same seed)."""
+    from data import hellaswag
+    from test_train import MODEL
+
+    rng = np.random.default_rng(0)
+    write_shard(tmp_path / "t_train_000000.bin", rng.integers(0, 50257, 3000))
+    write_shard(tmp_path / "t_val_000000.bin", rng.integers(0, 50257, 3000))
+    examples = [dict(ind=i, activity_label="x", ctx_a="A man walks", ctx_b="into", ctx=f"A man walks into a room {i}",
+                     split="val", split_type="indomain", label=i % 4, source_id="s",
+                     endings=["and sits.", "then leaves the room.", "quickly.", "and says hello to everyone there."])
+                for i in range(6)]
+    path = tmp_path / "hellaswag_val.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    model_flags = {**MODEL, "vocab_size": 50257}
+    run = train(f"--data_dir={tmp_path}", "--batch_size=2", "--max_steps=1", "--eval_interval=1", "--eval_batches=1",
+                "--hellaswag", f"--hellaswag_path={path}", "--sample_count=0", f"--out_dir={tmp_path / 'out'}",
+                *[f"--{k}={v}" for k, v in model_flags.items()])
+    assert run.returncode == 0, run.stderr
+    evals = [json.loads(line) for line in open(tmp_path / "out" / "evals.jsonl")]
+    torch.manual_seed(1337)
+    model = GPT(GPTConfig(**model_flags, attention="sdpa")).eval()
+    assert evals[0]["hellaswag_acc_norm"] == hellaswag.evaluate(model, path, "cpu")[0]
+
+
+def test_training_offline_skips_samples_with_a_warning(data_dir, tmp_path):
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9"}  # no BPE files, and any download fails at once
+    run = train(f"--data_dir={data_dir}", "--batch_size=2", "--max_steps=2", "--eval_interval=1", "--eval_batches=1",
+                f"--out_dir={tmp_path / 'out'}", env=env)
+    assert run.returncode == 0, run.stderr
+    assert "warning: no samples during evaluation" in run.stdout and "TIKTOKEN_CACHE_DIR" in run.stdout
+    assert len(read_metrics(tmp_path / "out")) == 2

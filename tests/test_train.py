@@ -24,12 +24,12 @@ def data_dir(tmp_path_factory):
     return d
 
 
-def train(*flags, nproc=1):
+def train(*flags, nproc=1, env=None):
     """Run train_gpt2.py (under torchrun when nproc > 1) and return the completed process."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={nproc}"]
     return subprocess.run(launcher + [os.path.join(ROOT, "train_gpt2.py"), "--config", "tiny", *FLAGS, *flags],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def read_metrics(out_dir):
@@ -86,3 +86,12 @@ def test_bad_input_fails_before_training(data_dir, tmp_path):
     run = train(f"--data_dir={data_dir}", "--vocab_size=100")  # the synthetic tokens go up to 127
     assert run.returncode != 0 and "synthetic_train_000000.bin: token id 127 >= vocab_size 100" in run.stderr
     assert "step" not in run.stdout
+
+
+def test_triton_without_a_gpu_or_interpreter_fails_before_training(data_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine can run the triton backend")  # the failure under test cannot happen here
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = train(f"--data_dir={data_dir}", "--attention=triton", f"--out_dir={tmp_path}", env=env)
+    assert run.returncode != 0 and "step" not in run.stdout
+    assert "triton attention needs CUDA tensors and this machine has no CUDA GPU; use `--attention sdpa`" in run.stderr
