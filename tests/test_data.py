@@ -117,6 +117,9 @@ def test_loader_errors_name_the_file(tmp_path):
         ShardLoader(tmp_path, "train", 2, 4)
     with pytest.raises(ValueError, match=r"fewer than one step needs .* = 17\)"):
         ShardLoader(tmp_path, "train", 1, 4, accum=4)
+    write_shard(tmp_path / "x_val_000000.bin", np.zeros(0, dtype=np.uint16))
+    with pytest.raises(ValueError, match="x_val_000000.bin: empty shard"):
+        ShardLoader(tmp_path, "val", 1, 4)
     with pytest.raises(ValueError, match="token id 7 >= vocab_size 5"):
         ShardLoader(tmp_path, "train", 1, 4, vocab_size=5)
 

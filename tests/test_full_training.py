@@ -167,3 +167,13 @@ def test_training_offline_skips_samples_with_a_warning(data_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "warning: no samples during evaluation" in run.stdout and "TIKTOKEN_CACHE_DIR" in run.stdout
     assert len(read_metrics(tmp_path / "out")) == 2
+
+
+def test_wandb_online_without_an_api_key_warns_and_trains(data_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(WANDB_MODE="online", HOME=str(tmp_path), HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    run = train(f"--data_dir={data_dir}", "--batch_size=2", "--max_steps=2", "--wandb", f"--out_dir={tmp_path / 'out'}",
+                env=env)
+    assert run.returncode == 0, run.stderr
+    assert "warning: wandb.init failed" in run.stdout and "logging locally only" in run.stdout
+    assert len(read_metrics(tmp_path / "out")) == 2

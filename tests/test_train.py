@@ -63,6 +63,7 @@ def test_three_steps_through_the_entry_point(data_dir, tmp_path):
     assert summary["mean_ms"] == pytest.approx((rows[1]["dt_ms"] + rows[2]["dt_ms"]) / 2)
     assert summary["torch"] == torch.__version__ and summary["command"]
     assert f"final: step 2 loss {rows[2]['loss']:.6f}" in run.stdout
+    assert "attention backend: sdpa" in run.stdout
     assert "mean over steps 1-2 (the first 1 left out as warm-up)" in run.stdout
 
 
