@@ -18,8 +18,6 @@ from attention import triton as ta
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-# The interpreter's own numpy usage warns on every launch; it says nothing about our code.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 # ‖x − ref‖ / ‖ref‖ and max |x − ref| / max(1, max |ref|) bounds. fp32: exact fp32 arithmetic (ieee dots on the
 # GPU); fp16/bf16: the inputs are exact, the error is the rounding of P/dS operands and of the stored outputs.

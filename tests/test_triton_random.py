@@ -15,7 +15,6 @@ from test_triton_attention import CUDA, assert_close, make_inputs, reference
 
 PRIMES = [2, 3, 5, 7, 13, 31, 61, 97, 127, 131, 257, 509, 1021, 2053]
 N_CASES = int(os.environ.get("TRITON_RANDOM_CASES", "40"))
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 def draw(seed):
