@@ -317,10 +317,10 @@ def learning_rate(cfg, step):
 
 def make_optimizer(model, cfg, device):
     """AdamW; with decay_all_params=False, biases and LayerNorm gains (the 1-D parameters) get no weight decay."""
-    params = list(model.parameters())
-    decay = [p for p in params if cfg.decay_all_params or p.dim() >= 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if not (cfg.decay_all_params or p.dim() >= 2)], "weight_decay": 0.0}]
+    decayed = {True: [], False: []}
+    for p in model.parameters():
+        decayed[cfg.decay_all_params or p.dim() >= 2].append(p)
+    groups = [{"params": decayed[True], "weight_decay": cfg.weight_decay}, {"params": decayed[False], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate(cfg, 0), betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.adam_eps, fused=device.type == "cuda")
 
@@ -507,7 +507,8 @@ class StopRequest:
         signal.signal(signum, signal.SIG_DFL)
 
     def requested(self, rank, step, device):
-        return torch.tensor(float(self.signalled or FAULT == ("stop", rank, step)), device=device)
+        # A fill kernel, not torch.tensor(): no host-to-device copy in the training step.
+        return torch.full((), float(self.signalled or FAULT == ("stop", rank, step)), device=device)
 
 
 # Fault injection for the tests: TRAIN_GPT2_FAULT="nan:RANK:STEP" makes that rank's loss NaN at that step;

@@ -69,10 +69,17 @@ def add_comparisons(rows):
         r["speedup_vs_naive"] = naive["ms"] / r["ms"] if naive and naive["ms"] and r["ms"] else None
 
 
-def markdown_table(rows):
-    def fmt(value, spec):
-        return "–" if value is None else format(value, spec)
+def fmt(value, spec):
+    """A table cell: the value formatted, or a dash where there is none."""
+    return "–" if value is None else format(value, spec)
 
+
+def run_info(summary):
+    """What the figures depend on besides the code, as the first run recorded it (train_gpt2.environment)."""
+    return {k: summary.get(k) for k in ("gpu", "torch", "triton", "cuda", "cudnn", "python", "date")}
+
+
+def markdown_table(rows):
     lines = ["| backend | torch.compile | loss at last step | Δloss vs sdpa | ms/step | tokens/s | MFU | peak memory (GiB) | speed-up vs naive |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -138,7 +145,7 @@ def main(argv=None):
     add_comparisons(rows)
 
     first = next(iter(summaries.values()), {})
-    env = {k: first.get(k) for k in ("gpu", "torch", "triton", "cuda", "cudnn", "python", "date")}
+    env = run_info(first)
     title = f"{name} on {args.nproc} x {gpu_name or 'CPU'}"
     report = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv), config=args.config,
                   nproc=args.nproc, overrides=args.overrides, **env,

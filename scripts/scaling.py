@@ -16,7 +16,7 @@ from argparse import Namespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from compare_attention import run_one  # noqa: E402
+from compare_attention import fmt, run_info, run_one  # noqa: E402
 from train_gpt2 import gpu_slug  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main(argv=None):
     first = next((s for r, s in runs.values() if s), {})
     report = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv), config=args.config,
                   nproc=args.nproc, overrides=args.overrides, timing=first.get("timing"),
-                  **{k: first.get(k) for k in ("gpu", "torch", "triton", "cuda", "cudnn", "date")},
+                  **run_info(first),
                   total_batch_size=first.get("config", {}).get("total_batch_size"),
                   bf16_noise_between_backends_1gpu=noise, rows=rows)
     base = os.path.join(args.results_dir, name)
@@ -77,9 +77,6 @@ def main(argv=None):
 
 
 def markdown_table(report):
-    def fmt(v, spec):
-        return "–" if v is None else format(v, spec)
-
     n = report["nproc"]
     lines = [f"| backend | tokens/s, 1 GPU | tokens/s, {n} GPUs | per GPU | scaling efficiency | MFU ({n} GPUs) "
              f"| max per-step loss diff, {n} vs 1 GPU |", "|---|---|---|---|---|---|---|"]
