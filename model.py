@@ -22,6 +22,41 @@ class GPTConfig:
     attention: str = "sdpa"  # naive | sdpa | triton
 
 
+# OpenAI's checkpoint (and so transformers' GPT-2) uses Conv1D modules, whose weights are the transpose of nn.Linear's.
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class KVCache:
+    """The keys and values of the tokens seen so far, for generation: the prompt's are written once (the prefill),
+    then each new token's after them. One key and one value buffer per layer, allocated at the prefill for max_len
+    tokens (in the dtype autocast gives k and v) and then written in place: decoding never reallocates or copies it."""
+
+    def __init__(self, n_layer, max_len):
+        self.max_len = max_len
+        self.pos = 0  # tokens cached, the same in every layer; GPT.forward advances it
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+
+    def update(self, layer, k, v):
+        """Store k, v (B, H, T, D) of `layer` after the cached tokens; return the keys and values of all of them."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} tokens, {end} do not fit; make a larger KVCache")
+        if self.k[layer] is None:
+            B, H, _, D = k.shape
+            self.k[layer], self.v[layer] = k.new_empty(B, H, self.max_len, D), v.new_empty(B, H, self.max_len, D)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def decode_attention(q, k, v):
+    """Attention of one new token per sequence, q (B, H, 1, D), to the cached keys and values of every token so far,
+    itself included, k and v (B, H, L, D): nothing is in its future, so there is no mask. Every backend decodes
+    through this one function because a backend's causal_attention takes q, k, v of one length (its mask is the
+    square lower triangle); the prompt, where they have one length, goes through the backend."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -32,12 +67,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_SCALE = True
         self.attend = get_attention(config.attention)
 
-    def forward(self, x):
+    def forward(self, x, cache=None, layer=0):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, H, T, D): strided views, no copies; each backend takes them as they are.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = self.attend(q, k, v)
+        if cache is None:  # training, evaluation: the whole sequence at once
+            y = self.attend(q, k, v)
+        elif cache.pos == 0:  # generation's prompt: through the backend, its keys and values kept for what follows
+            cache.update(layer, k, v)
+            y = self.attend(q, k, v)
+        else:  # generation's next token, against everything cached
+            y = decode_attention(q, *cache.update(layer, k, v))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.c_proj(y)
 
@@ -62,9 +103,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
+    def forward(self, x, cache=None, layer=0):
         # Pre-LayerNorm: the residual stream itself is never normalised, so gradients flow straight through it.
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.attn(self.ln_1(x), cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -112,14 +153,20 @@ class GPT(nn.Module):
         n_matmul = sum(p.numel() for p in self.parameters() if p.dim() == 2) - self.transformer.wpe.weight.numel()
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
+        """With a KVCache (generation): idx is the prompt when the cache is empty, else the one newest token."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        start = 0 if cache is None else cache.pos
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size {self.config.block_size}")
+        if start > 0 and T != 1:
+            raise ValueError(f"after the prompt, a KVCache takes one token at a time, not {T}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for block in self.transformer.h:
-            x = block(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.pos += T
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
@@ -127,11 +174,22 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
-        """Extend idx (B, T) by max_new_tokens sampled tokens, each from the top_k most likely (None: all)."""
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True):
+        """Extend idx (B, T) by max_new_tokens sampled tokens, each from the top_k most likely (None: all).
+
+        With use_cache the prompt goes through the model once and each later step feeds only the newest token,
+        which attends to the cached keys and values (KVCache); without, each step runs the whole sequence again.
+        Positions end at block_size: once the sequence is longer, each token is predicted from the last block_size
+        tokens by a full forward pass on both paths, since every token's position then shifts at each step and
+        nothing cached stays valid.
+        """
+        block_size = self.config.block_size
+        cache = KVCache(self.config.n_layer, min(idx.size(1) + max_new_tokens - 1, block_size)) if use_cache else None
+        for step in range(max_new_tokens):
+            if cache is None or idx.size(1) > block_size:
+                logits, _ = self(idx[:, -block_size:])
+            else:
+                logits, _ = self(idx if step == 0 else idx[:, -1:], cache=cache)
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
@@ -165,10 +223,8 @@ class GPT(nn.Module):
         if set(ours) != set(theirs):
             raise ValueError(f"parameter names differ: only ours {sorted(set(ours) - set(theirs))}, "
                              f"only theirs {sorted(set(theirs) - set(ours))}")
-        # OpenAI's checkpoint uses Conv1D modules, whose weights are the transpose of nn.Linear's.
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for name, tensor in theirs.items():
-                ours[name].copy_(tensor.t() if name.endswith(conv1d) else tensor)
+                ours[name].copy_(tensor.t() if name.endswith(HF_TRANSPOSED) else tensor)
         return model
 
