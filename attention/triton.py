@@ -24,10 +24,12 @@ Layout: the kernels index q, k, v through one shared set of (batch, head, time) 
 which is what the model's non-contiguous views of its fused (B, T, 3C) qkv projection have (no copies); other
 layouts are copied first. dO may have any strides with unit stride along D. O and dQ/dK/dV are allocated in
 (B, T, H, D) memory order and returned as (B, H, T, D) views, so the model's `transpose(1, 2).contiguous()` after
-attention is free and their strides need not be passed.
+attention is free and their strides need not be passed. Row offsets into the strided inputs are int64 (T·stride_t
+passes 2^31 at long T); the grid folds B·H over two axes, so any batch·head count launches.
 
 Launches: Triton's generic launch path costs more host time than these kernels take on the GPU at the GPT-2 shape,
-so after the first (autotuning) call the compiled kernels are launched directly (see _launch).
+so after the first (autotuning) call the compiled kernels are launched directly, on the Triton version where that
+was verified (see DIRECT_LAUNCH and _launch); elsewhere through Triton's standard launch.
 
 Precision: loads, dots and stores use the input dtype with fp32 accumulation. fp32 inputs use
 `input_precision="ieee"` dots (true fp32, slow; bf16/fp16 is the fast path), so every dtype matches an fp64
@@ -39,26 +41,34 @@ Integration: forward and backward are opaque `torch.library.custom_op`s with `re
 the interpreter (Dynamo never traces into Triton). Eager calls skip the dispatcher (see _FlashAttention).
 """
 import functools
+import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 from triton.runtime import driver
 
 # Must match how triton itself decides (it reads the variable when a kernel is launched; conftest sets it early).
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The direct launch (see _launch) relies on CompiledKernel.run's calling convention and on triton.knobs (3.4+),
+# checked on the GPU with Triton 3.6 only. Other versions take Triton's standard launch: same kernels, same
+# results, more host time per call.
+DIRECT_LAUNCH = not _INTERPRET and triton.__version__.split(".")[:2] == ["3", "6"]
+if DIRECT_LAUNCH:
+    from triton import knobs
+# Grid axes 1 and 2 hold at most 65,535 programs each; batch·head is folded over both (see _grid).
+MAX_GRID_YZ = 65535
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autotune configurations. Each kernel's causal tiling requires its diagonal tile to split evenly into the inner
-# tiles of the loop over the other axis (the forward and dQ kernels stop their unmasked loop at a multiple of
-# BLOCK_M, the dK/dV kernel starts its unmasked loop at a multiple of BLOCK_N1). Configs that break this are
-# filtered out here and rejected by a static assertion in the kernel, never tolerated.
+# Autotune configurations, per head dim (D <= 64 and D = 128). Each kernel's causal tiling requires its diagonal
+# tile to split evenly into the inner tiles of the loop over the other axis (the forward and dQ kernels stop their
+# unmasked loop at a multiple of BLOCK_M, the dK/dV kernel starts its unmasked loop at a multiple of BLOCK_N1). A
+# config that breaks this is an error here, at import, and a static assertion in the kernel.
 # ----------------------------------------------------------------------------------------------------------------
 def _fwd_ok(c):
     return c.kwargs["BLOCK_M"] % c.kwargs["BLOCK_N"] == 0
@@ -72,21 +82,42 @@ def _dkdv_ok(c):
     return c.kwargs["BLOCK_N1"] % c.kwargs["BLOCK_M1"] == 0
 
 
-def _configs(names, shapes, ok):
+def _configs(names, ok, shapes):
     configs = [triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=s) for *blocks, w, s in shapes]
-    return [c for c in configs if ok(c)]
+    bad = [c for c in configs if not ok(c)]
+    if bad:
+        raise ValueError(f"configs whose diagonal tile does not split into whole inner tiles: {bad}")
+    return configs
 
 
-FWD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N"), [
-    (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3),
-    (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (64, 16, 2, 3),
-], _fwd_ok)
-DQ_CONFIGS = _configs(("BLOCK_M2", "BLOCK_N2"), [
-    (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 4, 2), (32, 16, 2, 3),
-], _dq_ok)
-DKDV_CONFIGS = _configs(("BLOCK_N1", "BLOCK_M1"), [
-    (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2), (32, 16, 2, 3),
-], _dkdv_ok)
+FWD_CONFIGS = {
+    64: _configs(("BLOCK_M", "BLOCK_N"), _fwd_ok, [
+        (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3),
+        (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (64, 16, 2, 3)]),
+    128: _configs(("BLOCK_M", "BLOCK_N"), _fwd_ok, [
+        (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (64, 16, 2, 3)]),
+}
+DQ_CONFIGS = {
+    64: _configs(("BLOCK_M2", "BLOCK_N2"), _dq_ok, [
+        (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 4, 2),
+        (32, 16, 2, 3)]),
+    128: _configs(("BLOCK_M2", "BLOCK_N2"), _dq_ok, [
+        (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 2), (32, 16, 2, 3)]),
+}
+DKDV_CONFIGS = {
+    64: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [
+        (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2),
+        (32, 16, 2, 3)]),
+    128: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [
+        (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2), (32, 16, 2, 3)]),
+}
+
+
+def configs_for(configs, head_dim):
+    """The list of a kernel's configs (one of the dicts above) that applies to a head dim."""
+    return configs[64 if head_dim <= 64 else 128]
+
+
 # Under the interpreter there is nothing to tune (and autotune would need a do_bench callable): production calls
 # use the first config of each list, tests run every config explicitly.
 
@@ -95,10 +126,23 @@ DKDV_CONFIGS = _configs(("BLOCK_N1", "BLOCK_M1"), [
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _batch_head():
+    """This program's batch·head index: the grid is (tiles, Y, Z) with batch·head = z·Y + y (see _grid)."""
+    return tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+
+
+@triton.jit
+def _rows(base, offs_t, stride_t, offs_d):
+    """Pointers to a (rows, HEAD_DIM) tile of a strided q/k/v/dO. The row offsets are int64: with the model's fused
+    qkv views (stride_t = 3C) T·stride_t passes 2^31 at long T (H=32, D=128: T = 175,000)."""
+    return base + offs_t.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
+
+
+@triton.jit
 def _bthd_offset(off_b, off_h, offs_t, offs_d, H, T, HEAD_DIM: tl.constexpr):
     """Offsets of a (rows, HEAD_DIM) tile of the (B, T, H, D)-ordered buffers we allocate (O, dQ, dK, dV): their
     strides follow from the shape, so they are not passed as arguments (fewer arguments, cheaper launches)."""
-    return (off_b * T + offs_t[:, None]) * (H * HEAD_DIM) + off_h * HEAD_DIM + offs_d[None, :]
+    return (off_b * T + offs_t[:, None]) * (H * HEAD_DIM) + off_h * HEAD_DIM + offs_d[None, :]  # off_b is int64
 
 
 @triton.jit
@@ -107,8 +151,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_t, offs_m, offs_d, lo, h
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None] * stride_t + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_t + offs_d[None, :]
+        k_ptrs = _rows(k_base, offs_n, stride_t, offs_d)
+        v_ptrs = _rows(v_base, offs_n, stride_t, offs_d)
         if MASKED:  # the diagonal tiles may run past T
             k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0).to(COMPUTE)
         else:  # left of the diagonal every key index is < T
@@ -133,13 +177,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_t, offs_m, offs_d, lo, h
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, stride_b, stride_h, stride_t, H, T,
+def _attn_fwd(Q, K, V, O, LSE, stride_b, stride_h, stride_t, H, T, BH, T_BUCKET,
               HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              COMPUTE: tl.constexpr, PRECISION: tl.constexpr, T_BUCKET: tl.constexpr):
+              COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal tile must split into whole BLOCK_N tiles")
+    off_bh = _batch_head()
+    if off_bh >= BH:  # past the end of a folded grid
+        return
     # Heaviest query tiles (most keys) first, so the short ones fill the tail of the grid.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -147,8 +193,7 @@ def _attn_fwd(Q, K, V, O, LSE, stride_b, stride_h, stride_t, H, T,
     row_ok = offs_m < T
 
     qkv_offset = off_b * stride_b + off_h * stride_h
-    q_ptrs = Q + qkv_offset + offs_m[:, None] * stride_t + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(COMPUTE)
+    q = tl.load(_rows(Q + qkv_offset, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
     qk_scale = SM_SCALE * 1.4426950408889634  # log2(e) folded in: exp(x * SM_SCALE) = exp2(x * qk_scale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -175,8 +220,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_t, offs_m, offs_d, l
     for start_n in range(lo, hi, BLOCK_N2):
         start_n = tl.multiple_of(start_n, BLOCK_N2)
         offs_n = start_n + tl.arange(0, BLOCK_N2)
-        k_ptrs = k_base + offs_n[:, None] * stride_t + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_t + offs_d[None, :]
+        k_ptrs = _rows(k_base, offs_n, stride_t, offs_d)
+        v_ptrs = _rows(v_base, offs_n, stride_t, offs_d)
         if MASKED:
             k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0).to(COMPUTE)
             v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0).to(COMPUTE)
@@ -195,11 +240,14 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_t, offs_m, offs_d, l
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, stride_b, stride_h, stride_t, stride_dob, stride_doh, stride_dot, H, T,
+                 BH, T_BUCKET,
                  HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
-                 COMPUTE: tl.constexpr, PRECISION: tl.constexpr, T_BUCKET: tl.constexpr):
+                 COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M2 % BLOCK_N2 == 0, "the diagonal tile must split into whole BLOCK_N2 tiles")
+    off_bh = _batch_head()
+    if off_bh >= BH:  # past the end of a folded grid
+        return
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest first, as in the forward
-    off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
@@ -209,9 +257,8 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, stride_b, stride_h, stride_t, s
 
     qkv_offset = off_b * stride_b + off_h * stride_h
     bthd = _bthd_offset(off_b, off_h, offs_m, offs_d, H, T, HEAD_DIM)
-    q = tl.load(Q + qkv_offset + offs_m[:, None] * stride_t + offs_d[None, :], mask=row_ok[:, None],
-                other=0.0).to(COMPUTE)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+    q = tl.load(_rows(Q + qkv_offset, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
+    do = tl.load(_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, offs_d),
                  mask=row_ok[:, None], other=0.0)
     o = tl.load(O + bthd, mask=row_ok[:, None], other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -239,10 +286,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t, s
         start_m = tl.multiple_of(start_m, BLOCK_M1)
         offs_m = start_m + tl.arange(0, BLOCK_M1)
         row_ok = offs_m < T  # the last query tile may run past T, in either stage
-        q = tl.load(q_base + offs_m[:, None] * stride_t + offs_d[None, :], mask=row_ok[:, None],
-                    other=0.0).to(COMPUTE)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None],
-                     other=0.0).to(COMPUTE)
+        q = tl.load(_rows(q_base, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
+        do = tl.load(_rows(do_base, offs_m, stride_dot, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))  # +inf: P = 0 on padded rows
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
@@ -258,12 +303,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t, s
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, stride_b, stride_h, stride_t, stride_dob, stride_doh, stride_dot,
-                   H, T,
+                   H, T, BH, T_BUCKET,
                    HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr,
-                   COMPUTE: tl.constexpr, PRECISION: tl.constexpr, T_BUCKET: tl.constexpr):
+                   COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_N1 % BLOCK_M1 == 0, "the diagonal tile must split into whole BLOCK_M1 tiles")
+    off_bh = _batch_head()
+    if off_bh >= BH:  # past the end of a folded grid
+        return
     start_n = tl.program_id(0) * BLOCK_N1  # low key tiles see the most queries and are launched first anyway
-    off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N1)
@@ -272,10 +319,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, stride_b, stride_h, stride_t
     qk_scale = SM_SCALE * 1.4426950408889634
 
     qkv_offset = off_b * stride_b + off_h * stride_h
-    k = tl.load(K + qkv_offset + offs_n[:, None] * stride_t + offs_d[None, :], mask=col_ok[:, None],
-                other=0.0).to(COMPUTE)
-    v = tl.load(V + qkv_offset + offs_n[:, None] * stride_t + offs_d[None, :], mask=col_ok[:, None],
-                other=0.0).to(COMPUTE)
+    k = tl.load(_rows(K + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
+    v = tl.load(_rows(V + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
     q_base = Q + qkv_offset
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     lse_base = LSE + off_bh.to(tl.int64) * T
@@ -294,50 +339,71 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, stride_b, stride_h, stride_t
     tl.store(DV + bthd, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
-# Tuned per head dim, dtype and power-of-two bucket of T (T_BUCKET exists only to be this key): keyed on T itself,
-# sampling with a growing sequence would re-tune at every new length.
-_attn_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["T_BUCKET", "HEAD_DIM"])(_attn_fwd)
-_attn_bwd_dq_tuned = triton.autotune(DQ_CONFIGS, key=["T_BUCKET", "HEAD_DIM"])(_attn_bwd_dq)
-_attn_bwd_dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=["T_BUCKET", "HEAD_DIM"])(_attn_bwd_dkdv)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers. `config=None` runs the autotuned kernels (production); tests pass an explicit triton.Config.
 # ----------------------------------------------------------------------------------------------------------------
+# Autotuning results are kept on disk (Triton's cache directory) where this Triton can, so a new process does not
+# re-tune a shape it has tuned before.
+_CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 @functools.lru_cache(maxsize=None)
-def _meta(dtype, head_dim, T):
+def _tuned(kernel, configs):
+    """The autotuned kernel over a config list. Tuned per dtype, head dim and power-of-two bucket of T: T_BUCKET
+    is a kernel argument only to be this key (keyed on T itself, sampling with a growing sequence would re-tune at
+    every length). It is a plain integer, not a constexpr, so the buckets share compiled kernels."""
+    return triton.autotune(list(configs), key=["T_BUCKET", "HEAD_DIM"], **_CACHE_RESULTS)(kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta(dtype, head_dim):
     """The constexpr arguments (other than the block sizes)."""
     compute = tl.float32 if _INTERPRET else _TL_DTYPE[dtype]
     # The scale is a constexpr: a runtime float would arrive as fp64 from Inductor and fp64 breaks the loop-carried m_i.
     return dict(HEAD_DIM=head_dim, SM_SCALE=head_dim**-0.5, COMPUTE=compute,
-                PRECISION="ieee" if dtype == torch.float32 else "tf32", T_BUCKET=triton.next_power_of_2(T))
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _grid(T, rows, BH):
+    """(tiles along T, Y, Z) with Y·Z >= B·H programs over batch·head (the kernels read batch·head = z·Y + y and
+    skip the Y·Z - B·H < Z programs past the end): axes 1 and 2 hold at most MAX_GRID_YZ programs each."""
+    z = triton.cdiv(BH, MAX_GRID_YZ)
+    return triton.cdiv(T, rows), triton.cdiv(BH, z), z
 
 
 # (kernel, its specialisation-relevant arguments) -> (compiled kernel, rows per program, constexpr values)
 _COMPILED = {}
 
 
-def _launch(kernel, tuned, config, block, B, H, T, args, meta):
+def _launch(kernel, configs, config, block, B, H, T, args, dtype, D):
+    """Launches `kernel` over (tiles of `block` rows, batch·head) with `args` followed by (B·H, T_BUCKET)."""
+    BH = B * H
+    args = (*args, BH, triton.next_power_of_2(T))
+    meta = _meta(dtype, D)
     if _INTERPRET or config is not None:
-        config = config or tuned.configs[0]
-        kernel[(triton.cdiv(T, config.kwargs[block]), B * H)](*args, **meta, **config.all_kwargs())
+        config = config or configs_for(configs, D)[0]
+        kernel[_grid(T, config.kwargs[block], BH)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                                   num_stages=config.num_stages)
+        return
+    tuned = _tuned(kernel, tuple(configs_for(configs, D)))
+    if not DIRECT_LAUNCH:
+        tuned[lambda c: _grid(T, c[block], BH)](*args, **meta)
         return
     # Triton's generic launch path (autotuner key, argument binding, specialisation, cache lookup) costs ~70 us of
     # host time per launch on the H100 machine, longer than our kernels run at the GPT-2 shape. So once the
     # autotuner has picked and compiled a kernel, it is launched directly. The key holds everything Triton
     # specialises on: every integer argument exactly, each tensor's dtype and 16-byte alignment, the constexprs
-    # (which follow from dtype, D and T) and the device.
-    key = (kernel, args[0].device, meta["HEAD_DIM"],
-           *(a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) for a in args))
+    # (which follow from dtype and D) and the device.
+    key = (kernel, args[0].device, D, *(a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) for a in args))
     entry = _COMPILED.get(key)
     if entry is None:
-        compiled = tuned[lambda c: (triton.cdiv(T, c[block]), B * H)](*args, **meta)
+        compiled = tuned[lambda c: _grid(T, c[block], BH)](*args, **meta)
         constexprs = {**meta, **tuned.best_config.kwargs}
         _COMPILED[key] = (compiled, tuned.best_config.kwargs[block],
                           tuple(constexprs[name] for name in kernel.arg_names[len(args):]))
         return
     compiled, rows, constexprs = entry
-    grid = (triton.cdiv(T, rows), B * H, 1)
+    grid = _grid(T, rows, BH)
     stream = driver.active.get_current_stream(args[0].device.index)
     compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
                  compiled.launch_metadata(grid, stream, *args, *constexprs), knobs.runtime.launch_enter_hook,
@@ -368,8 +434,7 @@ def attention_forward(q, k, v, config=None):
     q, k, v = _unit_stride(q, k, v)
     o = _bthd(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    args = (q, k, v, o, lse, *q.stride()[:3], H, T)
-    _launch(_attn_fwd, _attn_fwd_tuned, config, "BLOCK_M", B, H, T, args, _meta(q.dtype, D, T))
+    _launch(_attn_fwd, FWD_CONFIGS, config, "BLOCK_M", B, H, T, (q, k, v, o, lse, *q.stride()[:3], H, T), q.dtype, D)
     return o, lse
 
 
@@ -383,12 +448,11 @@ def attention_backward(do, q, k, v, o, lse, dq_config=None, dkdv_config=None):
         o = _bthd(o).copy_(o)
     dq, dk, dv = _bthd(q), _bthd(k), _bthd(v)
     delta = torch.empty_like(lse)
-    meta = _meta(q.dtype, D, T)
     strides = (*q.stride()[:3], *do.stride()[:3], H, T)
-    _launch(_attn_bwd_dq, _attn_bwd_dq_tuned, dq_config, "BLOCK_M2", B, H, T,
-            (q, k, v, o, do, dq, lse, delta, *strides), meta)
-    _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, dkdv_config, "BLOCK_N1", B, H, T,
-            (q, k, v, do, dk, dv, lse, delta, *strides), meta)
+    _launch(_attn_bwd_dq, DQ_CONFIGS, dq_config, "BLOCK_M2", B, H, T, (q, k, v, o, do, dq, lse, delta, *strides),
+            q.dtype, D)
+    _launch(_attn_bwd_dkdv, DKDV_CONFIGS, dkdv_config, "BLOCK_N1", B, H, T, (q, k, v, do, dk, dv, lse, delta, *strides),
+            q.dtype, D)
     return dq, dk, dv
 
 
@@ -444,14 +508,20 @@ def _check(q, k, v):
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"triton attention computes causal self-attention: q, k, v must all be (B, H, T, D) of "
                          f"one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; {hint}")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"triton attention supports head dims {HEAD_DIMS}, got D={q.shape[-1]}; {hint}")
+    check_head_dim(q.shape[-1])
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"triton attention supports float16, bfloat16 and float32 (all three alike), got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}; {hint}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
     check_device(q.device)
+
+
+def check_head_dim(head_dim):
+    """Fail, naming the fix, for a head dim the kernels do not support: the trainer calls this at config time."""
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"triton attention supports head dims {HEAD_DIMS}, got D={head_dim} (n_embd / n_head); "
+                         f"choose n_embd and n_head to give one of them, or use `--attention sdpa`")
 
 
 def check_device(device):

@@ -73,37 +73,96 @@ def check_kernels(B, H, T, D, dtype, seed, fwd_config=None, dq_config=None, dkdv
     assert_close("dv", dv, rdv, dtype)
 
 
-# --- every autotune config, each on a T that is not a multiple of its blocks -----------------------------------
-N_CASES = max(len(ta.FWD_CONFIGS), len(ta.DQ_CONFIGS), len(ta.DKDV_CONFIGS))
+# --- every autotune config of every kernel, each on a T that is not a multiple of its blocks ----------------------
 MASKED_T = (17, 67, 200)  # none is a multiple of 16, so every block size of every config is partial at the end
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("i", range(N_CASES))
-def test_every_config(i, dtype):
-    # Config i of each kernel (the shorter lists wrap around), in every dtype, with T and D varying across cases.
-    fwd, dq, dkdv = (c[i % len(c)] for c in (ta.FWD_CONFIGS, ta.DQ_CONFIGS, ta.DKDV_CONFIGS))
-    j = i + DTYPES.index(dtype)
-    check_kernels(2, 3, MASKED_T[j % 3], (16, 64)[j % 2], dtype, seed=j, fwd_config=fwd, dq_config=dq,
-                  dkdv_config=dkdv)
+def config_cases(head_dims):
+    """(D, fwd, dq, dkdv) so that each config of each kernel's list for D appears at least once (a case runs all
+    three kernels; shorter lists wrap around)."""
+    cases = []
+    for D in head_dims:
+        lists = [ta.configs_for(c, D) for c in (ta.FWD_CONFIGS, ta.DQ_CONFIGS, ta.DKDV_CONFIGS)]
+        cases += [(D, *(c[i % len(c)] for c in lists)) for i in range(max(map(len, lists)))]
+    return cases
 
 
-def test_config_lists_cover_and_obey_invariants():
-    assert N_CASES == max(map(len, (ta.FWD_CONFIGS, ta.DQ_CONFIGS, ta.DKDV_CONFIGS)))
-    for cfgs, ok in ((ta.FWD_CONFIGS, ta._fwd_ok), (ta.DQ_CONFIGS, ta._dq_ok), (ta.DKDV_CONFIGS, ta._dkdv_ok)):
-        assert cfgs and all(ok(c) for c in cfgs)
-    assert not ta._fwd_ok(triton.Config(dict(BLOCK_M=32, BLOCK_N=64)))
-    assert not ta._dkdv_ok(triton.Config(dict(BLOCK_N1=32, BLOCK_M1=64)))
+CPU_CASES = config_cases((64, 128))
 
 
-@pytest.mark.parametrize("config", [triton.Config(dict(BLOCK_M=32, BLOCK_N=64)),
-                                    triton.Config(dict(BLOCK_M=48, BLOCK_N=32))])
-def test_wrong_tiling_is_rejected(config):
-    # BLOCK_M < BLOCK_N broke the official tutorial's causal forward; the kernel must refuse it, not compute it.
-    _, (q, k, v), _ = make_inputs(1, 1, 70, 16, torch.float32, seed=0)
+@pytest.mark.parametrize("i", range(len(CPU_CASES)))
+def test_every_config(i):
+    # Dtype and T rotate across cases; the D <= 64 lists also serve D = 16 and 32, so half their cases use D = 16.
+    D, fwd, dq, dkdv = CPU_CASES[i]
+    if D == 64 and i % 2:
+        D = 16
+    check_kernels(2, 3, MASKED_T[i % 3], D, DTYPES[i % 3], seed=i, fwd_config=fwd, dq_config=dq, dkdv_config=dkdv)
+
+
+def test_tiling_predicates():
+    # The causal loops need the diagonal tile to split into whole inner tiles (BLOCK_M % BLOCK_N == 0, etc.).
+    cfg = lambda **kw: triton.Config(kw)  # noqa: E731
+    assert ta._fwd_ok(cfg(BLOCK_M=128, BLOCK_N=64)) and ta._fwd_ok(cfg(BLOCK_M=64, BLOCK_N=64))
+    assert not ta._fwd_ok(cfg(BLOCK_M=32, BLOCK_N=64)) and not ta._fwd_ok(cfg(BLOCK_M=48, BLOCK_N=32))
+    assert ta._dq_ok(cfg(BLOCK_M2=64, BLOCK_N2=16)) and not ta._dq_ok(cfg(BLOCK_M2=32, BLOCK_N2=64))
+    assert ta._dkdv_ok(cfg(BLOCK_N1=64, BLOCK_M1=32)) and not ta._dkdv_ok(cfg(BLOCK_N1=32, BLOCK_M1=64))
+    with pytest.raises(ValueError, match="diagonal tile"):
+        ta._configs(("BLOCK_M", "BLOCK_N"), ta._fwd_ok, [(64, 64, 4, 3), (32, 64, 4, 3)])
+
+
+BAD_TILINGS = [("fwd", dict(BLOCK_M=32, BLOCK_N=64)), ("fwd", dict(BLOCK_M=48, BLOCK_N=32)),
+               ("dq", dict(BLOCK_M2=32, BLOCK_N2=64)), ("dkdv", dict(BLOCK_N1=32, BLOCK_M1=64))]
+
+
+@pytest.mark.parametrize("kernel,config", BAD_TILINGS)
+def test_wrong_tiling_is_rejected(kernel, config):
+    # BLOCK_M < BLOCK_N broke the official tutorial's causal forward; the kernels must refuse it, not compute it.
+    config = triton.Config(config)
+    _, (q, k, v), do = make_inputs(1, 1, 70, 16, torch.float32, seed=0)
+    q, k, v = q.detach(), k.detach(), v.detach()
     with pytest.raises(Exception, match="diagonal tile"):
-        ta.attention_forward(q.detach(), k.detach(), v.detach(), config)
+        if kernel == "fwd":
+            ta.attention_forward(q, k, v, config)
+        else:
+            o, lse = ta.attention_forward(q, k, v)
+            ta.attention_backward(do, q, k, v, o, lse, **{f"{kernel}_config": config})
+
+
+# --- grid and launch paths --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("BH", [1, 65535, 65536, 70000, 131071, 2**31 // 3])
+def test_grid_covers_batch_heads_within_axis_limits(BH):
+    tiles, y, z = ta._grid(1000, 64, BH)
+    assert tiles == 16 and 1 <= y <= 65535 and 1 <= z <= 65535
+    assert BH <= y * z < BH + z  # every batch·head gets a program; fewer than z programs idle
+
+
+@pytest.mark.parametrize("B,H", [(3, 3), (2, 5)])
+def test_folded_grid(monkeypatch, B, H):
+    # B·H > MAX_GRID_YZ folds batch·head over grid axes 1 and 2. A real B·H > 65,535 costs minutes in the
+    # interpreter (it runs programs one by one; the GPU test does B·H = 70,000), so the limit is lowered instead:
+    # B·H = 9 over (3, 3) exactly, and 10 over (4, 3), whose last two programs must do nothing.
+    monkeypatch.setattr(ta, "MAX_GRID_YZ", 4)
+    assert ta._grid(17, 16, B * H)[1:] == {9: (3, 3), 10: (4, 3)}[B * H]
+    check_kernels(B, H, 17, 16, torch.float32, seed=B * H)
+
+
+def test_launch_path_choice():
+    # The direct CompiledKernel.run launch needs a compiled kernel, so it cannot run under the CPU interpreter:
+    # here the standard launch is the one path (test_gpu_launch_paths_agree compares both on the GPU). This checks
+    # that the direct path is chosen only on Triton 3.6 and that importing the backend needs nothing from 3.4+.
+    code = ("import sys, triton\n"
+            "triton.__version__ = sys.argv[1]\n"
+            "if sys.argv[1] < '3.4': sys.modules['triton.knobs'] = None; del triton.knobs\n"
+            "from attention import triton as ta\n"
+            "print(ta.DIRECT_LAUNCH)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for version, direct in (("3.3.1", False), ("3.5.0", False), ("3.6.0", True), ("3.8.0", False)):
+        out = subprocess.run([sys.executable, "-c", code, version], env=env, cwd=root, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [str(direct)], (version, out.stdout)
 
 
 # --- the production path (autograd through the custom op, default/autotuned config) ------------------------------
@@ -198,6 +257,15 @@ def test_rejects_head_dim(D):
         ta.causal_attention(*_qkv((1, 2, 8, D)))
 
 
+@pytest.mark.parametrize("D", (8, 48, 96, 256))
+def test_check_head_dim(D):
+    # What the trainer calls at config time, before it builds the model.
+    with pytest.raises(ValueError, match=r"head dims \(16, 32, 64, 128\), got D=%d.*n_head.*--attention sdpa" % D):
+        ta.check_head_dim(D)
+    for ok in ta.HEAD_DIMS:
+        ta.check_head_dim(ok)
+
+
 @pytest.mark.parametrize("dtype", (torch.float64, torch.int32), ids=str)
 def test_rejects_dtype(dtype):
     with pytest.raises(ValueError, match="float16, bfloat16 and float32.*--attention sdpa"):
@@ -236,26 +304,38 @@ def test_no_cuda_no_interpreter_error():
 
 
 # --- GPU only ---------------------------------------------------------------------------------------------------
+def grads_of(qkv, B, H, T, D):
+    return [g.view(B, T, H, D).transpose(1, 2) for g in qkv.grad.split(H * D, dim=2)]
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
 @gpu_only
 @pytest.mark.parametrize("B,H,T,D", [(16, 12, 1024, 64), (2, 4, 1000, 64), (2, 4, 4097, 64), (4, 6, 1024, 128),
                                      (1, 2, 16384, 64), (3, 2, 1, 64)])
 def test_gpu_bf16(B, H, T, D):
     dtype = torch.bfloat16
     qkv, (q, k, v), do = make_inputs(B, H, T, D, dtype, seed=T)
-    ro, rdq, rdk, rdv = reference(qkv, do, H)
+    ref = reference(qkv, do, H)
     for _ in range(2):  # the first call autotunes and compiles, later ones take the direct launch path
         qkv.grad = None
         o = ta.causal_attention(q, k, v)
         o.backward(do)
-        grads = [g.view(B, T, H, D).transpose(1, 2) for g in qkv.grad.split(H * D, dim=2)]
-        for name, x, ref in zip(("out", "dq", "dk", "dv"), (o, *grads), (ro, rdq, rdk, rdv)):
-            assert_close(name, x, ref, dtype, zero=T == 1 and name in ("dq", "dk"))
-    # No worse than PyTorch's own kernel on the same bf16 inputs (the reference is independent of both).
+        for name, x, r in zip(("out", "dq", "dk", "dv"), (o, *grads_of(qkv, B, H, T, D)), ref):
+            assert_close(name, x, r, dtype, zero=T == 1 and name in ("dq", "dk"))
+    if T == 1:
+        return
+    # Output and gradients no worse than PyTorch's own kernel (cuDNN here) on the same bf16 inputs; the fp64
+    # reference is independent of both.
+    ours = (o, *grads_of(qkv, B, H, T, D))
     qkv.grad = None
     o_sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if T > 1:
-        err, err_sdpa = ((o.double() - ro).norm() / ro.norm()).item(), ((o_sdpa.double() - ro).norm() / ro.norm()).item()
-        assert err <= 1.5 * err_sdpa + 1e-4, (err, err_sdpa)
+    o_sdpa.backward(do)
+    for name, x, y, r in zip(("out", "dq", "dk", "dv"), ours, (o_sdpa, *grads_of(qkv, B, H, T, D)), ref):
+        err, err_sdpa = rel_err(x, r), rel_err(y, r)
+        assert err <= 1.5 * err_sdpa + 1e-4, f"{name}: rel err {err:.3g}, sdpa's {err_sdpa:.3g}"
 
 
 @gpu_only
@@ -266,14 +346,76 @@ def test_gpu_other_dtypes_and_dims(D, dtype):
 
 
 @gpu_only
-@pytest.mark.parametrize("i", range(N_CASES))
+@pytest.mark.parametrize("i", range(len(config_cases((64, 128)))))
 def test_gpu_every_config(i):
-    fwd, dq, dkdv = (c[i % len(c)] for c in (ta.FWD_CONFIGS, ta.DQ_CONFIGS, ta.DKDV_CONFIGS))
-    for D in (64, 128):
-        try:
-            check_kernels(2, 3, 1000, D, torch.bfloat16, seed=i, fwd_config=fwd, dq_config=dq, dkdv_config=dkdv)
-        except triton.runtime.errors.OutOfResources:  # too much shared memory at this D: the autotuner skips it too
-            pass
+    # Every config of each head dim's lists must compile and run at that head dim (no OutOfResources).
+    D, fwd, dq, dkdv = config_cases((64, 128))[i]
+    check_kernels(2, 3, 1000, D, torch.bfloat16, seed=i, fwd_config=fwd, dq_config=dq, dkdv_config=dkdv)
+
+
+@gpu_only
+def test_gpu_long_rows_64bit_offsets():
+    # The model's fused qkv views have stride_t = 3·H·D = 12,288 at H=32, D=128: row offsets t·stride_t pass 2^31
+    # from t = 174,763 on (int32 offsets read out of bounds there: cudaErrorIllegalAddress). The fp64 reference
+    # for a few rows: outputs and dQ of first, middle and last query rows; dK, dV of the last key rows (which only
+    # the last query rows see). Explicit configs: autotuning at this size would take minutes.
+    B, H, T, D, dtype = 1, 32, 180_000, 128, torch.bfloat16
+    qkv, (q, k, v), do = make_inputs(B, H, T, D, dtype, seed=0)
+    assert (T - 1) * q.stride(2) > 2**31
+    q, k, v = q.detach(), k.detach(), v.detach()
+    cfg = lambda c: ta.configs_for(c, D)[0]  # noqa: E731
+    o, lse = ta.attention_forward(q, k, v, cfg(ta.FWD_CONFIGS))
+    dq, dk, dv = ta.attention_backward(do, q, k, v, o, lse, cfg(ta.DQ_CONFIGS), cfg(ta.DKDV_CONFIGS))
+    rows = torch.tensor([0, 1, 2, T // 2, T - 3, T - 2, T - 1], device="cuda")
+    last = slice(4, 7)  # rows[last] = the last three
+    for h in (0, H - 1):
+        qh, kh, vh, doh = (x[0, h].double() for x in (q, k, v, do))
+        s = (qh[rows] @ kh.T) * D**-0.5
+        s = s.masked_fill(torch.arange(T, device="cuda")[None, :] > rows[:, None], float("-inf"))
+        p = s.softmax(-1)
+        dp = doh[rows] @ vh.T
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        keys = rows[last]  # key j is seen by queries t >= j only: for the last keys, by the last rows alone
+        ref = {"out": p @ vh, "dq": ds @ kh * D**-0.5, "dk": ds[last][:, keys].T @ qh[keys] * D**-0.5,
+               "dv": p[last][:, keys].T @ doh[keys]}
+        got = {"out": o[0, h, rows], "dq": dq[0, h, rows], "dk": dk[0, h, keys], "dv": dv[0, h, keys]}
+        for name in ref:
+            assert_close(f"head {h} {name}", got[name], ref[name], dtype)
+    for name, x in (("out", o), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(x).all(), name
+
+
+@gpu_only
+def test_gpu_many_batch_heads():
+    # B·H = 70,000 programs per query tile: more than grid axis 1 holds (65,535), so the grid folds.
+    B, H, T, D, dtype = 7000, 10, 5, 64, torch.bfloat16
+    qkv, (q, k, v), do = make_inputs(B, H, T, D, dtype, seed=1)
+    ref = reference(qkv, do, H)
+    for _ in range(2):  # autotuning call, then the direct launch
+        qkv.grad = None
+        o = ta.causal_attention(q, k, v)
+        o.backward(do)
+        for name, x, r in zip(("out", "dq", "dk", "dv"), (o, *grads_of(qkv, B, H, T, D)), ref):
+            assert_close(name, x, r, dtype)
+
+
+@gpu_only
+def test_gpu_launch_paths_agree(monkeypatch):
+    # The standard launch (autotuner[grid](...)) and the direct CompiledKernel.run launch run the same compiled
+    # kernels: their results must be bitwise equal.
+    B, H, T, D = 2, 4, 1000, 64
+    qkv, (q, k, v), do = make_inputs(B, H, T, D, torch.bfloat16, seed=2)
+    monkeypatch.setattr(ta, "_COMPILED", {})
+    results = {}
+    for direct in (False, True, True):  # the second direct call is the one that skips Triton's launch path
+        monkeypatch.setattr(ta, "DIRECT_LAUNCH", direct)
+        qkv.grad = None
+        o = ta.causal_attention(q, k, v)
+        o.backward(do)
+        results[direct] = (o.detach().clone(), qkv.grad.clone())
+    assert len(ta._COMPILED) == 3  # the direct path cached (and then launched) all three kernels
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)
 
 
 @gpu_only
