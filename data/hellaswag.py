@@ -74,7 +74,7 @@ def render_example(example, enc, block_size=None):
     return tokens, mask, example["label"]
 
 
-def evaluate(model, path, device, rank=0, world=1, autocast=contextlib.nullcontext(), limit=None):
+def evaluate(model, path, device, rank=0, world=1, autocast=contextlib.nullcontext(), limit=None, stop=lambda: False):
     """(acc_norm, num_correct, num_total) of model on the examples of path (the first `limit` if given).
 
     This process scores examples i with i % world == rank. When torch.distributed is initialized, the counts are
@@ -85,7 +85,7 @@ def evaluate(model, path, device, rank=0, world=1, autocast=contextlib.nullconte
     num_correct = num_total = 0
     with torch.no_grad(), autocast:
         for i, example in enumerate(read_examples(path)):
-            if limit is not None and i >= limit:
+            if (limit is not None and i >= limit) or stop():  # stop(): the run was asked to stop
                 break
             if i % world != rank:
                 continue
@@ -104,9 +104,9 @@ def evaluate(model, path, device, rank=0, world=1, autocast=contextlib.nullconte
         counts = torch.tensor([num_correct, num_total], device=device)
         dist.all_reduce(counts)  # SUM, the default: gloo has no AVG
         num_correct, num_total = counts.tolist()
-    if num_total == 0:
+    if num_total == 0 and not stop():
         raise ValueError(f"{path}: no examples to score (limit={limit}, world={world})")
-    return num_correct / num_total, num_correct, num_total
+    return num_correct / max(num_total, 1), num_correct, num_total
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from attention import BACKENDS  # noqa: E402
-from train_gpt2 import gpu_slug  # noqa: E402
+from training.metrics import gpu_slug  # noqa: E402
 
 
 def run_one(backend, compile, args, out_dir):

@@ -17,7 +17,7 @@ from argparse import Namespace
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from compare_attention import fmt, run_info, run_one  # noqa: E402
-from train_gpt2 import gpu_slug  # noqa: E402
+from training.metrics import gpu_slug  # noqa: E402
 
 
 def max_abs_diff(a, b):

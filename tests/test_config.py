@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from train_gpt2 import CONFIG_DIR, ConfigError, load_config
+from training.config import CONFIG_DIR, ConfigError, load_config
 
 
 def test_both_flag_forms():

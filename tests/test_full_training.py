@@ -1,6 +1,7 @@
 """Full-training features on the CPU: gradient accumulation and DDP, learning-rate schedule, checkpoints and
 exact resume, evaluation and sampling with the model compiled, offline W&B."""
 import json
+import math
 import os
 import shutil
 
@@ -11,7 +12,8 @@ import torch
 from data.shards import write_shard
 from model import GPT, GPTConfig
 from test_train import read_metrics, train
-from train_gpt2 import ConfigError, TrainConfig, grad_accum_steps, learning_rate
+from train_gpt2 import learning_rate
+from training.config import ConfigError, TrainConfig, grad_accum_steps
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +26,24 @@ def data_dir(tmp_path_factory):
     return d
 
 
-def test_learning_rate_schedule():
-    cfg = TrainConfig(lr_schedule="cosine", learning_rate=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073)
-    assert learning_rate(cfg, 0) == pytest.approx(6e-4 / 715)  # warm-up starts above zero
-    assert learning_rate(cfg, 356) == pytest.approx(6e-4 * 357 / 715)
-    assert learning_rate(cfg, 714) == pytest.approx(6e-4)  # peak at the end of warm-up
-    middle = 715 + (19072 - 715) / 2
-    assert learning_rate(cfg, middle) == pytest.approx((6e-4 + 6e-5) / 2)
-    assert learning_rate(cfg, 19072) == pytest.approx(6e-5)  # the last step
+def reference_get_lr(it, max_lr, min_lr, warmup_steps, max_steps):
+    """build-nanogpt's get_lr (train_gpt2.py), transcribed: the schedule the classic reproduction trains with."""
+    if it < warmup_steps:
+        return max_lr * (it + 1) / warmup_steps
+    if it > max_steps:
+        return min_lr
+    decay_ratio = (it - warmup_steps) / (max_steps - warmup_steps)
+    assert 0 <= decay_ratio <= 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return min_lr + coeff * (max_lr - min_lr)
+
+
+@pytest.mark.parametrize("max_lr, min_lr, warmup, steps", [(6e-4, 6e-5, 715, 19073), (1e-3, 0.0, 10, 100), (3e-4, 1e-5, 0, 7)])
+def test_learning_rate_schedule_is_the_reference(max_lr, min_lr, warmup, steps):
+    cfg = TrainConfig(lr_schedule="cosine", learning_rate=max_lr, min_lr=min_lr, warmup_steps=warmup, max_steps=steps)
+    for step in range(steps):
+        assert learning_rate(cfg, step) == pytest.approx(reference_get_lr(step, max_lr, min_lr, warmup, steps), rel=1e-12)
+    assert learning_rate(cfg, steps - 1) > min_lr  # the last step still trains when min_lr is 0
     assert learning_rate(TrainConfig(), 123) == 3e-4  # constant
 
 

@@ -10,6 +10,7 @@ import torch
 from data.shards import write_shard
 from model import GPT, GPTConfig
 from test_train import read_metrics, train
+from training.distributed import STOPPED_EXIT_CODE
 
 DIST = ["--dist_timeout=30", "--batch_size=2"]
 
@@ -21,9 +22,9 @@ def data_dir(tmp_path_factory):
     return d
 
 
-def test_nan_on_one_rank_stops_every_rank_without_saving_it(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("TRAIN_GPT2_FAULT", "nan:1:2")
-    run = train(f"--data_dir={data_dir}", *DIST, "--max_steps=6", "--checkpoint_interval=1", f"--out_dir={tmp_path}", nproc=2)
+def test_nan_on_one_rank_stops_every_rank_without_saving_it(data_dir, tmp_path):
+    run = train(f"--data_dir={data_dir}", *DIST, "--max_steps=6", "--checkpoint_interval=1", f"--out_dir={tmp_path}",
+                nproc=2, fault="nan:1:2")
     assert run.returncode != 0
     assert "non-finite loss at step 2" in run.stdout
     assert "exitcode  : 1" in run.stderr  # torchrun's report: the workers exited with 1, not killed by a timeout
@@ -31,10 +32,10 @@ def test_nan_on_one_rank_stops_every_rank_without_saving_it(data_dir, tmp_path, 
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000001", "step_000002"]  # the states after steps 0, 1
 
 
-def test_a_stop_request_on_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("TRAIN_GPT2_FAULT", "stop:1:2")
-    run = train(f"--data_dir={data_dir}", *DIST, "--max_steps=6", "--checkpoint_interval=100", f"--out_dir={tmp_path}", nproc=2)
-    assert run.returncode == 0, run.stderr
+def test_a_stop_request_on_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path):
+    run = train(f"--data_dir={data_dir}", *DIST, "--max_steps=6", "--checkpoint_interval=100", f"--out_dir={tmp_path}",
+                nproc=2, fault="stop:1:2")
+    assert run.returncode != 0 and f"exitcode  : {STOPPED_EXIT_CODE}" in run.stderr, run.stderr  # stopped, not done
     assert "stop requested (by 1 rank(s)) at step 2" in run.stdout
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
     assert os.listdir(tmp_path / "checkpoints") == ["step_000003"]  # saved on the way out
@@ -44,7 +45,7 @@ def test_a_stop_request_on_one_rank_stops_every_rank_at_the_same_step(data_dir, 
 def test_only_rank_zero_writes_logs(data_dir, tmp_path):
     run = train(f"--data_dir={data_dir}", *DIST, "--max_steps=5", f"--out_dir={tmp_path}", nproc=2)
     assert run.returncode == 0, run.stderr
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "evals.jsonl", "metrics.jsonl", "summary.json"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "config.json", "evals.jsonl", "metrics.jsonl", "summary.json"]
     assert len(read_metrics(tmp_path)) == 5
     assert run.stdout.count("final: step 4") == 1
 

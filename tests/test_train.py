@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -24,11 +25,14 @@ def data_dir(tmp_path_factory):
     return d
 
 
-def train(*flags, nproc=1, env=None):
-    """Run train_gpt2.py (under torchrun when nproc > 1) and return the completed process."""
+def train(*flags, nproc=1, env=None, fault=None):
+    """Run train_gpt2.py (under torchrun when nproc > 1) and return the completed process. fault="KIND:RANK:STEP"
+    runs it through tests/faulty_train.py, which injects that fault."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={nproc}"]
-    return subprocess.run(launcher + [os.path.join(ROOT, "train_gpt2.py"), "--config", "tiny", *FLAGS, *flags],
+    script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "train_gpt2.py")
+    env = {**(os.environ if env is None else env), **({"FAULT": fault} if fault else {})}
+    return subprocess.run(launcher + [script, "--config", "tiny", *FLAGS, *flags],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -38,17 +42,24 @@ def read_metrics(out_dir):
 
 
 def test_three_steps_through_the_entry_point(data_dir, tmp_path):
+    started = time.perf_counter()
     run = train(f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_steps=3", "--batch_size=4",
                 "--timing_warmup=1")
+    wall_ms = 1e3 * (time.perf_counter() - started)
     assert run.returncode == 0, run.stderr
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "dt_ms", "tok_per_s", "tok_per_s_per_gpu", "mfu",
                             "peak_mem_gib"}
-    assert rows[0]["mfu"] is None and rows[0]["peak_mem_gib"] == 0  # a CPU: no peak FLOP/s, no GPU memory
+    assert rows[0]["mfu"] is None  # a CPU: no peak FLOP/s
+    # A CPU run reports the process's peak RSS: at least the memory torch alone takes, at most the machine's.
+    assert 0.1 < rows[0]["peak_mem_gib"] < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     for r in rows:
         assert np.isfinite(r["loss"]) and r["dt_ms"] > 0
-        assert r["tok_per_s"] == pytest.approx(4 * 16 / (r["dt_ms"] / 1e3))
+        assert r["tok_per_s"] * r["dt_ms"] / 1e3 == pytest.approx(4 * 16)  # B*T tokens a step, one process
+    assert sum(r["dt_ms"] for r in rows) < wall_ms  # step times are parts of the process's life
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["cuda"] is None and summary["gpu"] is None
 
     # Step 0's loss, recomputed here by a second code path: same seed, same first batch, fresh model.
     torch.manual_seed(1337)
@@ -64,7 +75,7 @@ def test_three_steps_through_the_entry_point(data_dir, tmp_path):
     assert summary["torch"] == torch.__version__ and summary["command"]
     assert f"final: step 2 loss {rows[2]['loss']:.6f}" in run.stdout
     assert "attention backend: sdpa" in run.stdout
-    assert "mean over steps 1-2 (the first 1 left out as warm-up)" in run.stdout
+    assert "mean over steps 1-2 (the first 1 of this process left out as warm-up)" in run.stdout
 
 
 def test_two_ranks_match_one_process_with_the_same_global_batch(data_dir, tmp_path):

@@ -1,0 +1,136 @@
+"""Checkpoints: out_dir/checkpoints/step_000100/ is the state after 100 optimizer steps (steps 0..99 done; the next
+step to run is 100). It holds model.pt, optimizer.pt, state.pt (step, data position, the run's settings, the W&B
+run id), rng_rank<r>.pt and DONE. It is written as step_000100.tmp/ and renamed when complete, so a crash mid-save
+leaves the previous checkpoint as the newest complete one; a checkpoint is read whole before any of it is applied.
+"""
+import os
+import re
+import shutil
+
+import torch
+
+from model import GPT, GPTConfig
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# The settings that make a run the run it is: resuming with any of these changed would continue a different
+# experiment. Everything else (backend, micro-batch size, compile, evaluation, logging, max_steps) may change; a
+# change of data is caught by the loader (its position is only valid on the same tokens).
+MODEL_KEYS = ["block_size", "vocab_size", "n_layer", "n_head", "n_embd"]
+SAME_RUN_KEYS = MODEL_KEYS + ["seq_len", "total_batch_size", "learning_rate", "lr_schedule", "warmup_steps", "min_lr",
+                              "weight_decay", "decay_all_params", "beta1", "beta2", "adam_eps", "grad_clip", "seed"]
+
+
+def checkpoint_dir(out_dir, step):
+    return os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
+
+
+def complete_checkpoints(out_dir, clean=False):
+    """Complete checkpoints, oldest first. Incomplete ones (an interrupted save) are named, and deleted if clean."""
+    root = os.path.join(out_dir, "checkpoints")
+    found = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name)
+        if re.fullmatch(r"step_\d{6}", name) and os.path.exists(os.path.join(path, "DONE")):
+            found.append(path)
+        elif clean:
+            print(f"skipping incomplete checkpoint {path} (interrupted save), and deleting it")
+            shutil.rmtree(path, ignore_errors=True)
+    return found
+
+
+def save_checkpoint(out_dir, step, keep_last, raw_model, optimizer, state, rank, barrier):
+    """Every rank saves its RNG state; rank 0 the model, optimizer and `state` (DDP keeps the first two identical on
+    every rank). `barrier()` lines the ranks up between the phases."""
+    final = checkpoint_dir(out_dir, step)
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # the remains of an earlier interrupted save
+        os.makedirs(tmp)
+    barrier()
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        torch.save(raw_model.state_dict(), os.path.join(tmp, "model.pt"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save({"step": step, **state}, os.path.join(tmp, "state.pt"))
+    barrier()
+    if rank == 0:
+        open(os.path.join(tmp, "DONE"), "w").close()
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old)
+        print(f"saved checkpoint {final} (the state after {step} steps)")
+    barrier()
+
+
+def read_checkpoint(path, rank=0):
+    """All of a checkpoint's files (rank's RNG state among them), read into CPU memory before any is applied, so that
+    a damaged file can never leave a run half restored."""
+    files = {"state": "state.pt", "model": "model.pt", "optimizer": "optimizer.pt", "rng": f"rng_rank{rank}.pt"}
+    ckpt = {}
+    for key, name in files.items():
+        file = os.path.join(path, name)
+        if key == "rng" and not os.path.exists(file):  # resuming on more processes than saved
+            ckpt[key] = None
+            continue
+        try:
+            ckpt[key] = torch.load(file, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{file} is missing: the checkpoint is incomplete") from None
+        except Exception as e:  # truncated or corrupt: zip, pickle and EOF errors alike
+            raise CheckpointError(f"{file} cannot be read ({type(e).__name__}): the file is damaged") from None
+    return ckpt
+
+
+def resolve_checkpoint(path):
+    """A step folder as it is; a run folder (one holding checkpoints/) -> its newest complete checkpoint."""
+    if os.path.isfile(os.path.join(path, "DONE")):
+        return path
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        found = complete_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{path} is a run folder with no complete checkpoint (was checkpoint_interval 0?)")
+        return found[-1]
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.pt")):
+        raise CheckpointError(f"{path} has no DONE marker: its save was interrupted, so it is incomplete")
+    raise CheckpointError(f"{path!r} is neither a checkpoint (a folder like out/run/checkpoints/step_000100) nor "
+                          "a run folder holding checkpoints/")
+
+
+def newest_readable(out_dir):
+    """(path, checkpoint) of the newest complete checkpoint that reads whole, or (None, None); a damaged one is
+    named and the one before it tried."""
+    for path in reversed(complete_checkpoints(out_dir, clean=True)):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as e:
+            print(f"warning: skipping damaged checkpoint: {e}; trying the one before it")
+    return None, None
+
+
+def check_same_run(saved, now, path):
+    """Refuse to continue a run with the settings of another (see SAME_RUN_KEYS)."""
+    differ = [k for k in SAME_RUN_KEYS if saved.get(k) != now[k]]
+    if differ:
+        what = "the model differs" if set(differ) & set(MODEL_KEYS) else "the run's settings differ"
+        detail = "; ".join(f"{k} {saved.get(k)!r} (checkpoint) != {now[k]!r} (now)" for k in differ)
+        raise CheckpointError(f"cannot resume from {path}: {what}: {detail}. Resume with the run's settings, or "
+                              "start a new run in another --out_dir")
+
+
+def load_model(path, device="cpu", attention=None):
+    """A trained GPT from a checkpoint (a step folder, or a run folder: its newest) -> (model, the run's settings)."""
+    path = resolve_checkpoint(path)
+    ckpt = read_checkpoint(path)
+    settings = ckpt["state"]["config"]
+    config = GPTConfig(**{k: settings[k] for k in GPTConfig.__dataclass_fields__ if k in settings})
+    if attention is not None:
+        config.attention = attention
+    model = GPT(config).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, settings

@@ -1,0 +1,234 @@
+"""The settings of a training run: one dataclass (TrainConfig, with the model's GPTConfig inside), filled first from a
+TOML file in configs/ and then from `--key value` / `--key=value` flags, and checked before any work starts.
+
+Keys are flat: a model key (n_layer, attention, ...) is written exactly like a training key, in files and on the
+command line. Each field's one-line description is its comment in the dataclass: `--help` prints them from there.
+"""
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+from attention import BACKENDS
+from model import GPTConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_dir: str = "data/tinyshakespeare"  # folder of *_train_*.bin (and, to evaluate, *_val_*.bin) token shards
+    batch_size: int = 16  # B: sequences per micro-step on each process
+    seq_len: int = 1024  # T: tokens per sequence
+    total_batch_size: int = 0  # tokens per optimizer step, by gradient accumulation; 0: B*T*processes
+    # optimisation: AdamW; the defaults are the step-49 experiment's (PyTorch's AdamW defaults, lr 3e-4)
+    max_steps: int = 50  # optimizer steps of the whole run
+    learning_rate: float = 3e-4  # the peak learning rate
+    lr_schedule: str = "constant"  # constant | cosine: linear warm-up to learning_rate, cosine decay to min_lr
+    warmup_steps: int = 0  # steps of linear warm-up (cosine schedule)
+    min_lr: float = 0.0  # the learning rate the cosine schedule reaches at max_steps
+    weight_decay: float = 0.01  # AdamW weight decay
+    decay_all_params: bool = True  # false: weight decay on matrices only, not on biases and LayerNorm gains
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 0.0  # clip the global gradient norm to this; 0: no clipping (the norm is logged anyway)
+    # evaluation, every eval_interval steps and at the last step
+    eval_interval: int = 0  # evaluate every this many steps and at the last step; 0: never
+    eval_batches: int = 20  # validation batches of B*T tokens per process
+    hellaswag: bool = False  # HellaSwag acc_norm at each evaluation (prepare with python -m data.hellaswag)
+    hellaswag_path: str = "data/hellaswag/hellaswag_val.jsonl"  # the HellaSwag validation file
+    sample_prompt: str = "Hello, I'm a language model,"  # prompt of the samples at each evaluation; "": none
+    sample_count: int = 4  # samples at each evaluation
+    sample_tokens: int = 32  # new tokens per sample
+    # checkpoints, in out_dir/checkpoints
+    checkpoint_interval: int = 0  # save every this many steps and at the last step; 0: never
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    resume: str = ""  # "": a fresh run; auto: the newest complete checkpoint in out_dir; or a checkpoint path
+    overwrite: bool = False  # true: delete another run's files in out_dir and start afresh
+    # logging
+    wandb: bool = False  # log to Weights & Biases (rank 0; offline when no API key is configured)
+    wandb_project: str = "gpt2-attention"  # W&B project
+    wandb_run_name: str = ""  # W&B run name; "": W&B's own
+    # system
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
+    compile: bool = True  # torch.compile the whole model (fullgraph=True)
+    dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before the run fails
+    seed: int = 1337  # random seed of the initialisation and the samples
+    out_dir: str = "out"  # the run's folder: config, logs, summary, checkpoints (one run per folder)
+    timing_warmup: int = 10  # first steps of each process left out of the mean ms/step (compile, autotune)
+    model: GPTConfig = field(default_factory=GPTConfig)
+
+
+def _key_types():
+    """Every settable key -> (which dataclass holds it, its type)."""
+    keys = {f.name: ("train", f.type) for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+    keys.update({f.name: ("model", f.type) for f in dataclasses.fields(GPTConfig)})
+    return keys
+
+
+def _convert(key, typ, value, source):
+    """Coerce a TOML value or a command-line string to the field's type, or say why not."""
+    if isinstance(value, str) and typ is not str:  # from the command line
+        text = value.strip().lower()
+        if typ is bool and text in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return text in ("true", "1", "yes", "on")
+        try:
+            value = int(value) if typ is int else float(value) if typ is float else value
+        except ValueError:
+            pass
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not typ:
+        raise ConfigError(f"{source}: {key} must be {typ.__name__}, got {value!r}")
+    return value
+
+
+def _unknown(key, source):
+    hint = difflib.get_close_matches(key, _key_types(), n=1)
+    suggestion = f"; did you mean --{hint[0]}?" if hint else ""
+    return ConfigError(f"{source}: unknown key {key!r}{suggestion} (valid keys: {', '.join(_key_types())})")
+
+
+def _parse_flags(argv):
+    """['--a', '1', '--b=2', '--flag'] -> [('a', '1'), ('b', '2'), ('flag', 'true')]"""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"command line: expected --key value or --key=value, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, value = arg[2:], argv[i + 1]
+            i += 1
+        else:  # a bare flag: only booleans may omit their value
+            key, value = arg[2:], "true"
+            if key in _key_types() and _key_types()[key][1] is not bool:
+                raise ConfigError(f"command line: --{key} needs a value")
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def _config_path(name):
+    """`--config step49` means configs/step49.toml; a path is taken as it is."""
+    for path in (name, os.path.join(CONFIG_DIR, name), os.path.join(CONFIG_DIR, f"{name}.toml")):
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(f"config {name!r} not found; give a path or one of: {', '.join(_config_names())}")
+
+
+def _read_toml(name, seen=()):
+    """(key, value, file) from a config file; `extends = "other"` reads that file first, this one overriding it."""
+    path = _config_path(name)
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` loops back to itself")
+    with open(path, "rb") as f:
+        try:
+            table = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    base = _read_toml(table.pop("extends"), seen + (path,)) if "extends" in table else []
+    return base + [(k, v, path) for k, v in table.items()]
+
+
+def load_config(argv):
+    cfg = TrainConfig()
+    types = _key_types()
+    pairs = _parse_flags(argv)
+    settings = []  # (key, value, source), files first so that flags override them
+    for key, value in pairs:
+        if key == "config":
+            settings += _read_toml(value)
+    settings += [(k, v, "command line") for k, v in pairs if k != "config"]
+    for key, value, source in settings:
+        if key not in types:
+            raise _unknown(key, source)
+        owner, typ = types[key]
+        setattr(cfg.model if owner == "model" else cfg, key, _convert(key, typ, value, source))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    m = cfg.model
+    if m.attention not in BACKENDS:
+        raise ConfigError(f"attention {m.attention!r} is not a backend; choose one of: {', '.join(BACKENDS)}")
+    for key, value in [("batch_size", cfg.batch_size), ("seq_len", cfg.seq_len), ("max_steps", cfg.max_steps),
+                       ("n_layer", m.n_layer), ("n_head", m.n_head), ("n_embd", m.n_embd),
+                       ("block_size", m.block_size), ("vocab_size", m.vocab_size)]:
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"n_embd ({m.n_embd}) must be divisible by n_head ({m.n_head})")
+    if cfg.seq_len > m.block_size:
+        raise ConfigError(f"seq_len ({cfg.seq_len}) exceeds block_size ({m.block_size}); lower seq_len or raise block_size")
+    if m.vocab_size > 2**16:
+        raise ConfigError(f"vocab_size ({m.vocab_size}) exceeds 65536, the most that uint16 token shards can hold")
+    if cfg.device not in ("auto", "cuda", "mps", "cpu"):
+        raise ConfigError(f"device {cfg.device!r}: choose auto, cuda, mps or cpu")
+    if cfg.learning_rate <= 0 or not 0 <= cfg.min_lr <= cfg.learning_rate:
+        raise ConfigError(f"need 0 < learning_rate and 0 <= min_lr <= learning_rate, got {cfg.learning_rate}, {cfg.min_lr}")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"lr_schedule {cfg.lr_schedule!r}: choose constant or cosine")
+    for key in ("total_batch_size", "warmup_steps", "eval_interval", "checkpoint_interval", "timing_warmup",
+                "sample_count", "sample_tokens"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must not be negative, got {getattr(cfg, key)}")
+    if cfg.grad_clip < 0 or cfg.keep_last < 1 or cfg.eval_batches < 1 or cfg.dist_timeout < 1:
+        raise ConfigError("need grad_clip >= 0, keep_last >= 1, eval_batches >= 1 and dist_timeout >= 1")
+
+
+def flat_config(cfg):
+    d = dataclasses.asdict(cfg)
+    return {**{k: v for k, v in d.items() if k != "model"}, **d["model"]}
+
+
+def grad_accum_steps(cfg, world):
+    """Micro-steps per optimizer step so that B·T·world·steps = total_batch_size tokens."""
+    micro = cfg.batch_size * cfg.seq_len * world
+    if cfg.total_batch_size == 0:
+        return 1
+    if cfg.total_batch_size % micro:
+        n = max(1, cfg.total_batch_size // micro)
+        rows = cfg.total_batch_size // (cfg.seq_len * world)  # sequences per process per step, if T divides
+        divisors = [b for b in range(1, rows + 1) if rows % b == 0 and rows * cfg.seq_len * world == cfg.total_batch_size]
+        raise ConfigError(f"total_batch_size {cfg.total_batch_size} is not a multiple of batch_size*seq_len*processes "
+                          f"= {cfg.batch_size}*{cfg.seq_len}*{world} = {micro}; use total_batch_size {n * micro} or "
+                          f"{(n + 1) * micro}" + (f", or batch_size one of {divisors[-8:]}" if divisors else ""))
+    return cfg.total_batch_size // micro
+
+
+def help_text():
+    """`--help`: every key with its type, default and description, grouped as in the dataclasses. The descriptions
+    are read from the dataclasses' own comments, so they are written in one place."""
+    lines = ["usage: python train_gpt2.py [--config NAME_OR_PATH] [--key value | --key=value ...]",
+             "       torchrun --standalone --nproc_per_node=N train_gpt2.py [same]",
+             "",
+             f"--config: a TOML file of these keys, or one of configs/: {', '.join(_config_names())}. Flags override it.",
+             "A boolean flag alone means true (--compile); otherwise true/false, 1/0, yes/no, on/off."]
+    for cls, title in ((TrainConfig, "training"), (GPTConfig, "model")):
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "model"}
+        lines += ["", f"{title}:"]
+        for line in inspect.getsource(cls).splitlines()[2:]:
+            group = re.fullmatch(r"\s+# (.*)", line)
+            field_ = re.fullmatch(r"\s+(\w+): (\w+) = .*?(?:  # (.*))?", line)
+            if group:
+                lines.append(f"  # {group[1]}")
+            elif field_ and field_[1] in defaults:
+                name, typ, desc = field_[1], field_[2], field_[3] or ""
+                lines.append(f"  --{name} {typ.upper()} (default {defaults[name]!r})".ljust(56) + f" {desc}")
+    return "\n".join(lines)
+
+
+def _config_names():
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".toml"))

@@ -1,0 +1,134 @@
+"""What a run reports: the machine it ran on, MFU, the per-step log, the summary that results/ keeps, and W&B."""
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+import torch
+
+
+def environment(device):
+    """What a figure depends on besides the code: recorded next to every result. cuda is None on a CPU run."""
+    info = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                python=platform.python_version(), torch=torch.__version__, device=str(device), gpu=None,
+                cuda=torch.version.cuda if device.type == "cuda" else None,
+                cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None)
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# Dense bf16 tensor-core peak FLOP/s, from the vendors' datasheets (without sparsity), for MFU, keyed by the GPU's
+# model as torch.cuda.get_device_name() spells it ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB", "NVIDIA L40S").
+# A model is matched as a whole word, so "L4" is not found in "L40S"; variants come before their family. An unknown
+# GPU gets no MFU rather than a guess.
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12), ("H200", 989e12),
+                   ("B200", 2250e12), ("A100", 312e12), ("A10G", 125e12), ("L40S", 362e12), ("L40", 181e12),
+                   ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+
+
+def peak_flops(gpu_name):
+    return next((flops for name, flops in PEAK_BF16_FLOPS
+                 if gpu_name and re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", gpu_name)), None)
+
+
+def gpu_slug(gpu_name):
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; 'NVIDIA GeForce RTX 4090' -> 'geforce-rtx-4090'; None -> 'cpu'."""
+    if not gpu_name:
+        return "cpu"
+    words = gpu_name.lower().replace("nvidia", "").split()
+    n = next((i for i, w in enumerate(words) if re.search(r"\d", w)), len(words) - 1)
+    return "-".join(words[: n + 1])
+
+
+def peak_memory_gib(device):
+    """Peak memory of this process: allocated GPU memory on CUDA, the process's peak RSS elsewhere (None where the
+    platform cannot say)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def open_log(path, start_step):
+    """Open a JSON-lines log for writing. A resumed run keeps the rows before its first step (and drops those that
+    the interrupted run wrote after its last checkpoint, and lines that do not parse, saying so); returns the file
+    and the rows kept."""
+    kept, dropped = [], 0
+    for line in _read(path).splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, TypeError, KeyError):
+            print(f"warning: {path}: dropping a line that is not a log row: {line[:60]!r}")
+            continue
+        if step < start_step:
+            kept.append(json.loads(line))
+        else:
+            dropped += 1
+    if dropped:
+        print(f"{path}: dropped {dropped} row(s) from step {start_step} on, written after the checkpoint resumed from")
+    f = open(path, "w")
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+    return f, kept
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def summarize(rows, start_step, timing_warmup, env, settings, world, tokens_per_step, mfu):
+    """The run in one JSON object: what results/ keeps and the README's tables are built from. The mean ms/step
+    leaves out the first `timing_warmup` steps of this process (compilation, autotuning), also after a resume."""
+    timed = [r for r in rows if r["step"] >= start_step + timing_warmup]
+    mean_ms = sum(r["dt_ms"] for r in timed) / len(timed) if timed else None
+    if not timed:
+        timing = f"no ms/step mean: all steps of this process are within timing_warmup={timing_warmup}"
+    else:
+        timing = f"mean over steps {timed[0]['step']}-{timed[-1]['step']}"
+        if timing_warmup:
+            timing += f" (the first {timing_warmup} of this process left out as warm-up)"
+    memory = [r["peak_mem_gib"] for r in rows if r["peak_mem_gib"] is not None]
+    return dict(**env, world_size=world, config=settings, final_step=rows[-1]["step"],
+                final_loss=rows[-1]["loss"], mean_ms=mean_ms, timing=timing,
+                mean_tok_per_s=tokens_per_step / (mean_ms / 1e3) if timed else None,
+                mean_mfu=mfu(mean_ms / 1e3) if timed else None,
+                peak_mem_gib=max(memory) if memory else None,
+                loss=[r["loss"] for r in rows], dt_ms=[r["dt_ms"] for r in rows])
+
+
+def start_wandb(cfg, settings, run_id=None):
+    """A W&B run on rank 0 (offline without an API key), resuming `run_id` when given; None if W&B is unusable.
+    W&B is never the reason a run stops."""
+    try:
+        import wandb
+    except ImportError:
+        print("warning: --wandb given but wandb is not installed (pip install wandb); logging locally only")
+        return None
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None:
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read(os.path.expanduser("~/.netrc"))
+        mode = "online" if has_key else "offline"
+        if not has_key:
+            print(f"warning: no W&B API key (WANDB_API_KEY or `wandb login`): logging offline under {cfg.out_dir}/wandb; "
+                  "upload later with `wandb sync`")
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=settings,
+                          dir=cfg.out_dir, mode=mode, id=run_id, resume="allow" if run_id else None)
+    except Exception as e:  # a W&B outage must not cost a training run
+        print(f"warning: wandb.init failed ({type(e).__name__}: {e}); logging locally only")
+        return None
