@@ -174,8 +174,9 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True):
-        """Extend idx (B, T) by max_new_tokens sampled tokens, each from the top_k most likely (None: all).
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True, vocab_size=None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens, each from the top_k most likely (None: all) of the ids
+        below vocab_size (None: all; a vocabulary padded for faster matmuls has rows that are no token).
 
         With use_cache the prompt goes through the model once and each later step feeds only the newest token,
         which attends to the cached keys and values (KVCache); without, each step runs the whole sequence again.
@@ -190,7 +191,7 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -block_size:])
             else:
                 logits, _ = self(idx if step == 0 else idx[:, -1:], cache=cache)
-            logits = logits[:, -1, :] / temperature
+            logits = logits[:, -1, :vocab_size].float() / temperature
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -1,0 +1,133 @@
+"""Evaluate a checkpoint or OpenAI's GPT-2: validation loss and HellaSwag acc_norm.
+
+    python scripts/evaluate.py out/gpt2_124m                      # the run's data folder and HellaSwag
+    torchrun --standalone --nproc_per_node=8 scripts/evaluate.py --init gpt2 --data_dir data/fineweb_edu
+    python scripts/evaluate.py out/gpt2_124m --tasks hellaswag --hellaswag_limit 1000
+
+The model: a step folder, a run folder (its newest complete checkpoint) or --init, as in sample.py. Validation loss
+is the mean cross-entropy of val_batches batches of batch_size x seq_len tokens read from the start of the data
+folder's val split (data/loader.py: the rows do not depend on the number of processes), by default the run's own
+data folder. HellaSwag is scored by data/hellaswag.py (prepare the file with python -m data.hellaswag). Under
+torchrun each process takes its share of batches and examples and the figures are summed over processes. bf16
+autocast on CUDA, as in training. Writes the figures with the command, machine and versions as JSON: eval.json in
+the checkpoint's folder, or --out.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from data import hellaswag  # noqa: E402
+from data.loader import ShardLoader  # noqa: E402
+from data.tokenizer import gpt2_encoding  # noqa: E402
+from sample import add_model_args, load  # noqa: E402
+from train_gpt2 import autocast_context  # noqa: E402
+from training.checkpoints import CheckpointError, resolve_checkpoint  # noqa: E402
+from training.metrics import environment  # noqa: E402
+
+
+def val_loss(model, loader, batches, device, autocast, rank, world):
+    """Mean loss of `batches` batches, shared out over the processes (each reads its rows of every global batch)."""
+    total = torch.zeros((), device=device)
+    per_rank = batches // world
+    with torch.no_grad(), autocast:
+        for i in range(per_rank):
+            x, y = loader.next_batch()
+            total += model(x.to(device), y.to(device))[1].float()
+            if rank == 0 and ((i + 1) % 10 == 0 or i + 1 == per_rank):
+                print(f"val loss: batch {(i + 1) * world}/{batches}, running mean {total.item() / (i + 1):.4f}",
+                      flush=True)
+    if world > 1:
+        dist.all_reduce(total)
+    return total.item() / batches
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(p)
+    p.add_argument("--tasks", nargs="+", choices=["val", "hellaswag"], default=["val", "hellaswag"])
+    p.add_argument("--data_dir", help="folder with *_val_*.bin shards; default: the checkpoint's data_dir")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--seq_len", type=int, help="default: the model's block_size")
+    p.add_argument("--val_batches", type=int, default=20, help="batches in all (a multiple of the processes)")
+    p.add_argument("--hellaswag", default="data/hellaswag/hellaswag_val.jsonl", help="HellaSwag's validation file")
+    p.add_argument("--hellaswag_limit", type=int, help="score only the first this many examples")
+    p.add_argument("--out", help="the JSON to write; default: eval.json in the checkpoint, out/eval_<init>.json")
+    args = p.parse_args(argv)
+    ddp = "RANK" in os.environ  # set by torchrun
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+
+    # The mistakes that can be found before the model is loaded are found here, on every rank alike.
+    try:
+        step_dir = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = args.out or (os.path.join(step_dir, "eval.json") if step_dir else
+                       os.path.join("out", f"eval_{os.path.basename(os.path.normpath(args.init or 'model'))}.json"))
+    if "val" in args.tasks:
+        if step_dir is None and args.data_dir is None:
+            raise SystemExit("error: no data folder for the validation loss: pass --data_dir, or --tasks hellaswag")
+        if args.val_batches < 1 or args.val_batches % world:
+            raise SystemExit(f"error: --val_batches {args.val_batches} must be a positive multiple of the "
+                             f"{world} processes")
+    if "hellaswag" in args.tasks:
+        if not os.path.isfile(args.hellaswag):
+            raise SystemExit(f"error: {args.hellaswag} does not exist; prepare it with python -m data.hellaswag, "
+                             "or pass --hellaswag PATH")
+        try:
+            gpt2_encoding()
+        except RuntimeError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    model, device, name, settings = load(args, local_rank)
+    seq_len = args.seq_len or model.config.block_size
+    data_dir = args.data_dir or settings.get("data_dir")
+    if "val" in args.tasks:
+        try:
+            loader = ShardLoader(data_dir, "val", args.batch_size, seq_len, rank, world, model.config.vocab_size)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
+        needed = args.val_batches * args.batch_size * seq_len + 1
+        if loader.starts[-1] < needed:
+            raise SystemExit(f"error: {data_dir} holds {loader.starts[-1]:,} val tokens, {args.val_batches} batches "
+                             f"of {args.batch_size}x{seq_len} need {needed:,}; lower --val_batches or --batch_size")
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
+    try:
+        autocast = autocast_context(device)
+        results = dict(model=name, checkpoint=step_dir, processes=world, **environment(device))
+        if "val" in args.tasks:
+            results.update(val_loss=val_loss(model, loader, args.val_batches, device, autocast, rank, world),
+                           val_data_dir=data_dir, val_tokens=args.val_batches * args.batch_size * seq_len)
+            if rank == 0:
+                print(f"val loss {results['val_loss']:.4f} over {results['val_tokens']:,} tokens of {data_dir}")
+        if "hellaswag" in args.tasks:
+            if rank == 0:
+                print(f"HellaSwag: scoring {args.hellaswag} on {world} process(es)...", flush=True)
+            t0 = time.time()
+            acc, correct, total = hellaswag.evaluate(model, args.hellaswag, device, rank, world, autocast,
+                                                     args.hellaswag_limit)
+            results.update(hellaswag_acc_norm=acc, hellaswag_correct=correct, hellaswag_total=total)
+            if rank == 0:
+                print(f"HellaSwag acc_norm {acc:.4f} ({correct}/{total}) in {time.time() - t0:.0f} s")
+        if rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "w") as f:
+                json.dump(results, f, indent=2)
+            print(f"wrote {out}")
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
