@@ -20,6 +20,7 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     attention: str = "sdpa"  # naive | sdpa | triton
+    loss_chunk: int = 0  # rows per chunk of the fused LM head + cross-entropy (fused_lm_head_loss); 0: plain logits
 
 
 # OpenAI's checkpoint (and so transformers' GPT-2) uses Conv1D modules, whose weights are the transpose of nn.Linear's.
@@ -110,11 +111,65 @@ class Block(nn.Module):
         return x
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The LM head and the cross-entropy fused, chunk by chunk (GPTConfig.loss_chunk): the logits of the whole batch,
+# (B*T, V) and their fp32 copies and gradient, never exist; only one chunk's do.
+
+def _loss_and_grads(h, weight, targets, chunk, with_grad):
+    """The mean cross-entropy of the logits h @ weightᵀ and, with_grad, its gradients for h and weight, `chunk` rows
+    at a time. A chunk's logits come out of the matmul in its dtype (bf16 under autocast); logsumexp and loss are in
+    fp32. Their gradient, (softmax - onehot) / N, is turned at once into the chunk's rows of grad_h and added to
+    grad_weight (fp32), so it is never stored for more than one chunk."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    w = weight.to(dtype)  # cast once, not once per matmul as autocast would
+    n, vocab = targets.numel(), weight.size(0)
+    loss, grad_h = h.new_zeros((), dtype=torch.float32), []
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
+    for start in range(0, n, chunk):
+        h_c, t_c = h[start:start + chunk].to(dtype), targets[start:start + chunk]
+        logits = (h_c @ w.t()).float()
+        lse = torch.logsumexp(logits, dim=1)
+        loss = loss + (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+        if with_grad:
+            onehot = torch.arange(vocab, device=h.device) == t_c[:, None]
+            grad_logits = ((torch.exp(logits - lse[:, None]) - onehot.float()) / n).to(dtype)
+            grad_h.append((grad_logits @ w).to(h.dtype))
+            grad_w += (grad_logits.t() @ h_c).float()
+    return loss / n, (torch.cat(grad_h) if with_grad else None), grad_w
+
+
+class FusedLMHeadLoss(torch.autograd.Function):
+    """The gradients are computed in the forward, chunk by chunk, where the logits are at hand; backward only scales
+    them by the loss's incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        loss, grad_h, grad_w = _loss_and_grads(h, weight, targets, chunk, with_grad=True)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
+def fused_lm_head_loss(h, weight, targets, chunk):
+    """F.cross_entropy(h @ weight.t(), targets) for h (N, C), weight (V, C), targets (N,), computed `chunk` rows at a
+    time; the gradient work is done only when autograd needs it (not under no_grad)."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return FusedLMHeadLoss.apply(h, weight, targets, chunk)
+    return _loss_and_grads(h, weight, targets, chunk, with_grad=False)[0]
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         if config.n_embd % config.n_head != 0:
             raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        if config.loss_chunk < 0:
+            raise ValueError(f"loss_chunk ({config.loss_chunk}) must be >= 0: rows per chunk of the fused loss, 0: off")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -167,7 +222,12 @@ class GPT(nn.Module):
             x = block(x, cache, layer)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        if targets is not None and self.config.loss_chunk:
+            # No logits to return: the fused path never makes them for the whole batch.
+            h, chunk = x.view(B * T, -1), self.config.loss_chunk
+            return None, fused_lm_head_loss(h, self.lm_head.weight, targets.reshape(-1), chunk)
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))

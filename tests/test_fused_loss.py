@@ -1,0 +1,90 @@
+"""The fused LM head + cross-entropy (model.fused_lm_head_loss, GPTConfig.loss_chunk) against F.cross_entropy on
+the full logits (fp64): alone, inside the whole GPT, under torch.compile, under autocast and without grad."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import GPT, GPTConfig, fused_lm_head_loss
+
+TINY = dict(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
+
+
+def reference(h, weight, targets):
+    """Loss and gradients of h and weight through the full logits, in fp64."""
+    h, weight = h.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    loss = F.cross_entropy(h @ weight.t(), targets)
+    return (loss, *torch.autograd.grad(loss, (h, weight)))
+
+
+def fused(h, weight, targets, chunk):
+    h, weight = h.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = fused_lm_head_loss(h, weight, targets, chunk)
+    return (loss, *torch.autograd.grad(loss, (h, weight)))
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 16, 37, 64])  # 37 rows: chunks that divide them, that do not, one, bigger
+def test_loss_and_gradients_equal_cross_entropy_on_full_logits(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    h, weight = torch.randn(37, 16, generator=g), torch.randn(101, 16, generator=g)  # vocab 101: no multiple of 8 or 16
+    targets = torch.randint(0, 101, (37,), generator=g)
+    got, expected = fused(h, weight, targets, chunk), reference(h, weight, targets)
+    assert all(t.dtype == torch.float32 for t in got)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-6)
+
+
+def test_without_grad_only_the_forward_matmuls_run():
+    h, weight, targets = torch.randn(40, 16), torch.randn(101, 16), torch.randint(0, 101, (40,))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        loss = fused_lm_head_loss(h, weight, targets, 16)
+    assert counter.get_total_flops() == 2 * 40 * 16 * 101  # the logits only: no grad_h, no grad_weight
+    torch.testing.assert_close(loss.double(), reference(h, weight, targets)[0], atol=1e-6, rtol=1e-6)
+    assert loss.grad_fn is None
+
+
+def grads_of_gpt(loss_chunk, compile=False, autocast=False):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, loss_chunk=loss_chunk))
+    forward = torch.compile(model, fullgraph=True) if compile else model
+    idx = torch.randint(0, 101, (3, 21), generator=torch.Generator().manual_seed(1))  # 60 rows: 16 does not divide
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        logits, loss = forward(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    return logits, loss, {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_gpt_with_loss_chunk_trains_like_the_plain_path():
+    """Every parameter's gradient, the tied wte/lm_head weight included, equals the plain path's in fp32."""
+    logits, loss, grads = grads_of_gpt(loss_chunk=16)
+    plain_logits, plain_loss, plain_grads = grads_of_gpt(loss_chunk=0)
+    assert logits is None and plain_logits.shape == (3, 20, 101)
+    torch.testing.assert_close(loss, plain_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == plain_grads.keys() and "transformer.wte.weight" in grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_compiled_fullgraph_gives_the_eager_loss_and_gradients():
+    _, loss, grads = grads_of_gpt(loss_chunk=16, compile=True)  # a graph break would raise
+    _, eager_loss, eager_grads = grads_of_gpt(loss_chunk=16)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-6, rtol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_autocast_matches_the_plain_path_within_bf16_rounding():
+    """The trainer's setting (fp32 parameters, bf16 autocast) on the CPU's autocast: the logits are rounded to bf16 on
+    both paths, so they agree to bf16 precision, with the loss and every gradient in fp32."""
+    _, loss, grads = grads_of_gpt(loss_chunk=16, autocast=True)
+    _, plain_loss, plain_grads = grads_of_gpt(loss_chunk=0, autocast=True)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads.values())
+    torch.testing.assert_close(loss, plain_loss, atol=1e-2, rtol=0)
+    for name in grads:
+        scale = plain_grads[name].abs().max()
+        torch.testing.assert_close(grads[name] / scale, plain_grads[name] / scale, atol=2e-2, rtol=0, msg=name)
+
+
+def test_negative_loss_chunk_is_refused():
+    with pytest.raises(ValueError, match=r"loss_chunk \(-1\) must be >= 0"):
+        GPT(GPTConfig(**TINY, loss_chunk=-1))
