@@ -129,6 +129,7 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
         evals, _ = metrics.open_log(os.path.join(cfg.out_dir, "evals.jsonl"), start_step)
         run = metrics.start_wandb(cfg, settings, wandb_id) if cfg.wandb else None
         wandb_id = run.id if run else wandb_id
+    profiler = metrics.step_profiler(cfg) if master else None
 
     status = 0
     for step in range(start_step, cfg.max_steps):
@@ -189,6 +190,8 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
             print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.4f} | {1e3 * dt:8.2f} ms | "
                   f"{tokens_per_step / dt:10,.0f} tok/s | MFU {'n/a' if peak is None else format(row['mfu'], '.1%')} | "
                   f"{'n/a' if mem is None else format(mem, '.2f')} GiB | ETA {datetime.timedelta(seconds=round(eta))}")
+        if profiler:
+            profiler.step()
         if stops and master:
             print(f"stop requested (by {int(stops)} rank(s)) at step {step}: every rank stops after it")
         if cfg.checkpoint_interval and ((step + 1) % cfg.checkpoint_interval == 0 or last or stops):
@@ -206,6 +209,8 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
         if master:
             print(f"parameters identical on all {world} ranks: {'yes' if len(set(t.item() for t in gathered)) == 1 else 'NO'}")
     if master:
+        if profiler:
+            profiler.stop()
         log.close()
         evals.close()
         if rows:

@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 1337  # random seed of the initialisation and the samples
     out_dir: str = "out"  # the run's folder: config, logs, summary, checkpoints (one run per folder)
     timing_warmup: int = 10  # first steps of each process left out of the mean ms/step (compile, autotune)
+    profile_steps: int = 0  # trace this many steps after timing_warmup into out_dir/trace.json (scripts/profile_step.py)
     model: GPTConfig = field(default_factory=GPTConfig)
 
 
@@ -181,7 +182,7 @@ def validate(cfg):
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"lr_schedule {cfg.lr_schedule!r}: choose constant or cosine")
     for key in ("total_batch_size", "warmup_steps", "eval_interval", "checkpoint_interval", "timing_warmup",
-                "sample_count", "sample_tokens"):
+                "profile_steps", "sample_count", "sample_tokens"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative, got {getattr(cfg, key)}")
     if cfg.grad_clip < 0 or cfg.keep_last < 1 or cfg.eval_batches < 1 or cfg.dist_timeout < 1:

@@ -61,6 +61,22 @@ def peak_memory_gib(device):
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def step_profiler(cfg):
+    """A torch.profiler that traces GPU kernels over cfg.profile_steps steps after the timing warm-up and writes
+    out_dir/trace.json (Chrome trace format); None when profiling is off. Call .step() after every step."""
+    if not cfg.profile_steps:
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if torch.cuda.is_available() else [])
+    schedule = torch.profiler.schedule(wait=max(0, cfg.timing_warmup - 1), warmup=min(1, cfg.timing_warmup),
+                                       active=cfg.profile_steps, repeat=1)
+    path = os.path.join(cfg.out_dir, "trace.json")
+    profiler = torch.profiler.profile(activities=activities, schedule=schedule,
+                                      on_trace_ready=lambda p: p.export_chrome_trace(path))
+    profiler.start()
+    return profiler
+
+
 def open_log(path, start_step):
     """Open a JSON-lines log for writing. A resumed run keeps the rows before its first step (and drops those that
     the interrupted run wrote after its last checkpoint, and lines that do not parse, saying so); returns the file
