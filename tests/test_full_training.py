@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ import torch
 from data.shards import write_shard
 from model import GPT, GPTConfig
 from test_train import read_metrics, train
-from train_gpt2 import learning_rate
+from train_gpt2 import autocast_context, learning_rate
 from training.config import ConfigError, TrainConfig, grad_accum_steps
+from training.metrics import peak_flops
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +125,17 @@ def test_evaluation_and_sampling_with_the_model_compiled(data_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     evals = [json.loads(line) for line in open(tmp_path / "evals.jsonl")]
     assert [e["step"] for e in evals] == [0, 2]  # every 2 steps and at the last
-    assert all(len(e["samples"]) == 2 and e["samples"][0].startswith("a") for e in evals)
+    # Step 0's samples, recomputed by a second code path: a fresh uncompiled model (same seed) sampling directly.
+    from data.tokenizer import gpt2_encoding
+    from test_train import MODEL
+    enc = gpt2_encoding()
+    torch.manual_seed(1337)
+    fresh = GPT(GPTConfig(**MODEL, attention="sdpa")).eval()
+    prompt = torch.tensor(enc.encode("a")).repeat(2, 1)
+    expected = fresh.generate(prompt, 5, top_k=50, generator=torch.Generator().manual_seed(1337))
+    assert evals[0]["samples"] == [enc.decode(row.tolist()) for row in expected]
     # Step 0's validation loss, recomputed by a second code path: fresh model, same seed, the first val batches.
     from data.loader import ShardLoader
-    from test_train import MODEL
     torch.manual_seed(1337)
     model = GPT(GPTConfig(**MODEL, attention="sdpa"))
     val = ShardLoader(data_dir, "val", 2, 16)
@@ -147,8 +156,7 @@ def test_wandb_offline_without_an_api_key(data_dir, tmp_path, monkeypatch):
 
 
 def test_hellaswag_during_training_equals_a_direct_evaluation(tmp_path):
-    """The trainer's HellaSwag figure at step 0 against data.hellaswag.evaluate on a fresh model (same seed)."""
-    from data import hellaswag
+    """The trainer's HellaSwag figure at step 0 against an independent computation (reference_acc_norm)."""
     from test_train import MODEL
 
     rng = np.random.default_rng(0)
@@ -166,9 +174,36 @@ def test_hellaswag_during_training_equals_a_direct_evaluation(tmp_path):
                 *[f"--{k}={v}" for k, v in model_flags.items()])
     assert run.returncode == 0, run.stderr
     evals = [json.loads(line) for line in open(tmp_path / "out" / "evals.jsonl")]
+    assert evals[0]["hellaswag_acc_norm"] == pytest.approx(reference_acc_norm(model_flags, examples))
+
+
+def reference_acc_norm(model_flags, examples):
+    """HellaSwag acc_norm of the trainer's step-0 model, computed without data/hellaswag.py: the same weights (seed
+    1337) in transformers' GPT2LMHeadModel, and the definition: per ending, the mean loss of its tokens given the
+    context; the ending with the lowest mean wins."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from data.tokenizer import gpt2_encoding
     torch.manual_seed(1337)
-    model = GPT(GPTConfig(**model_flags, attention="sdpa")).eval()
-    assert evals[0]["hellaswag_acc_norm"] == hellaswag.evaluate(model, path, "cpu")[0]
+    ours = GPT(GPTConfig(**model_flags, attention="sdpa")).state_dict()
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=model_flags["vocab_size"], n_positions=model_flags["block_size"],
+                                    n_embd=model_flags["n_embd"], n_layer=model_flags["n_layer"],
+                                    n_head=model_flags["n_head"], activation_function="gelu_new")).eval()
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    missing, unexpected = hf.load_state_dict({k: v.t() if k.endswith(conv1d) else v for k, v in ours.items()}, strict=False)
+    assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing)
+    enc = gpt2_encoding()
+    correct = 0
+    for ex in examples:
+        context = enc.encode(ex["ctx"])
+        scores = []
+        for ending in ex["endings"]:
+            tokens = context + enc.encode(" " + ending)
+            with torch.no_grad():
+                logits = hf(torch.tensor([tokens])).logits[0]
+            losses = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(tokens[1:]), reduction="none")
+            scores.append(losses[len(context) - 1:].mean().item())  # the ending's tokens only
+        correct += int(np.argmin(scores) == ex["label"])
+    return correct / len(examples)
 
 
 def test_training_offline_skips_samples_with_a_warning(data_dir, tmp_path):
@@ -189,3 +224,41 @@ def test_wandb_online_without_an_api_key_warns_and_trains(data_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "warning: wandb.init failed" in run.stdout and "logging locally only" in run.stdout
     assert len(read_metrics(tmp_path / "out")) == 2
+
+
+def test_wandb_resumes_the_same_run(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    common = [f"--data_dir={data_dir}", "--batch_size=2", "--wandb", "--checkpoint_interval=2", f"--out_dir={tmp_path}"]
+    assert train(*common, "--max_steps=2").returncode == 0
+    run_id = torch.load(tmp_path / "checkpoints" / "step_000002" / "state.pt")["wandb_id"]
+    assert train(*common, "--max_steps=4", "--resume=auto").returncode == 0
+    runs = sorted(name for name in os.listdir(tmp_path / "wandb") if name.startswith("offline-run-"))
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs)  # W&B's folders: offline-run-<time>-<id>
+
+
+def test_a_rank_that_cannot_read_the_checkpoint_fails_the_run_naming_itself(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", "--batch_size=2", "--checkpoint_interval=2", "--dist_timeout=30",
+              f"--out_dir={tmp_path}"]
+    assert train(*common, "--max_steps=2").returncode == 0
+    run = train(*common, "--max_steps=4", "--resume=auto", nproc=2, fault="unreadable:1:0")
+    assert run.returncode != 0
+    assert f"rank 1 on {socket.gethostname()}" in run.stderr and "a folder that every machine sees" in run.stderr
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]  # nothing trained, nothing lost
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA L4", 121e12),
+                                        ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12), ("NVIDIA A10G", 125e12),
+                                        ("NVIDIA GeForce RTX 4090", 165e12), ("Tesla T4", None), ("NVIDIA A40", None)])
+def test_mfu_peak_of_real_device_names(name, peak):
+    """torch.cuda.get_device_name() strings as the GPUs report them; each gets its own datasheet figure."""
+    assert peak_flops(name) == peak
+
+
+def test_a_gpu_without_bf16_stops_before_any_work(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    with pytest.raises(ConfigError, match="Tesla V100-SXM2-16GB has no bf16 tensor cores"):
+        autocast_context(torch.device("cuda", 0))
