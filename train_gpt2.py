@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
 import sys
 import time
@@ -45,9 +46,7 @@ def main(argv=None):
     try:  # every mistake found here costs seconds: nothing is built, no process group is started
         cfg = load_config(argv)
         device = resolve_device(cfg.device, local_rank)
-        if cfg.model.attention == "triton":
-            from attention.triton import check_device  # triton is imported only by those who ask for it
-            check_device(device)
+        check_machine(cfg, device, rank)
         autocast = autocast_context(device)
         accum = grad_accum_steps(cfg, world)
         loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, rank, world, cfg.model.vocab_size, accum)
@@ -344,6 +343,29 @@ def resolve_device(name, local_rank):
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device mps requested but MPS is not available; use --device cpu")
     return torch.device(name)
+
+
+def check_machine(cfg, device, rank):
+    """What the settings need from this machine, checked before any work: the triton package for the triton
+    backend, a compiler for torch.compile; and a word of warning before the 124M model trains on a CPU."""
+    if cfg.model.attention == "triton":
+        try:
+            from attention.triton import check_device  # triton is imported only by those who ask for it
+        except ImportError as e:
+            raise ConfigError(f"--attention triton needs the triton package ({e}); it comes with CUDA builds of torch "
+                              "on Linux (pip install triton). Or use --attention sdpa") from None
+        check_device(device)
+    if cfg.compile:
+        # Inductor compiles C++ for the CPU; on a GPU, Triton compiles a small C launcher.
+        kind, names = ("C++", ("CXX", "g++", "c++", "clang++")) if device.type == "cpu" else ("C", ("CC", "gcc", "cc", "clang"))
+        if not any(shutil.which(os.environ.get(n, "") if n.isupper() else n) for n in names):
+            raise ConfigError(f"--compile true needs a {kind} compiler and none was found ({', '.join(names[1:])}); "
+                              "install one (Debian/Ubuntu: apt install build-essential; macOS: xcode-select --install), "
+                              "or use --compile false")
+    if device.type == "cpu" and rank == 0 and cfg.model.n_layer * cfg.model.n_embd ** 2 * 12 > 50e6:
+        print(f"warning: training a {cfg.model.n_layer}-layer, {cfg.model.n_embd}-wide model on the CPU: each step "
+              "can take minutes (the step-49 run: about 150 s a step with sdpa, and naive needs more than 24 GB). "
+              "Try --config tiny first.", flush=True)
 
 
 def autocast_context(device):

@@ -1,5 +1,7 @@
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -24,13 +26,21 @@ def test_flags_override_the_file():
 def test_unknown_flag_suggests_the_closest_key():
     with pytest.raises(ConfigError, match=r"unknown key 'atention'; did you mean --attention\?"):
         load_config(["--atention", "sdpa"])
+    for alias, key in (("lr", "learning_rate"), ("bs", "batch_size"), ("steps", "max_steps")):
+        with pytest.raises(ConfigError, match=rf"unknown key '{alias}'; did you mean --{key}\?"):
+            load_config([f"--{alias}", "1"])
+
+
+def test_messages_name_the_one_wrong_thing():
+    with pytest.raises(ConfigError, match=r"^keep_last must be at least 1, got 0$"):
+        load_config(["--keep_last", "0"])
+    with pytest.raises(ConfigError, match=r"compile must be true or false \(also 1/0, yes/no, on/off\), got 'maybe'"):
+        load_config(["--compile", "maybe"])
 
 
 def test_wrong_types_name_the_field():
     with pytest.raises(ConfigError, match="batch_size must be int, got '8.5'"):
         load_config(["--batch_size", "8.5"])
-    with pytest.raises(ConfigError, match="compile must be bool"):
-        load_config(["--compile", "maybe"])
     with pytest.raises(ConfigError, match="--n_layer needs a value"):
         load_config(["--n_layer"])
     with pytest.raises(ConfigError, match="expected --key value"):
@@ -53,7 +63,7 @@ def test_bad_choices_and_values():
 def test_config_file_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('atention = "sdpa"\n')
-    with pytest.raises(ConfigError, match=rf"{bad}: unknown key 'atention'; did you mean --attention\?"):
+    with pytest.raises(ConfigError, match=rf"{bad}: unknown key 'atention'; did you mean attention = \.\.\.\?"):
         load_config(["--config", str(bad)])
     bad.write_text("batch_size = 8.5\n")
     with pytest.raises(ConfigError, match=rf"{bad}: batch_size must be int, got 8.5"):
@@ -80,3 +90,28 @@ def test_a_config_file_can_extend_another(tmp_path):
         load_config(["--config", str(tmp_path / "child.toml")])
     short = load_config(["--config", "gpt2_124m_short"])
     assert (short.max_steps, short.total_batch_size, short.beta2) == (100, 524288, 0.95)
+
+
+def test_help_lists_every_key_with_its_description():
+    import dataclasses
+    from model import GPTConfig
+    from training.config import TrainConfig, help_text
+    text = help_text()
+    for cls in (TrainConfig, GPTConfig):
+        for f in dataclasses.fields(cls):
+            if f.name != "model":
+                assert f"--{f.name} " in text
+    assert "--keep_last INT (default 2)" in text and "complete checkpoints kept" in text
+    run = subprocess.run([sys.executable, os.path.join(CONFIG_DIR, "..", "train_gpt2.py"), "-h"], capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and run.stdout.strip() == text
+
+
+def test_compile_without_a_compiler_says_what_to_do(monkeypatch):
+    import shutil
+    import torch
+    from train_gpt2 import check_machine
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"--compile true needs a C\+\+ compiler .* or use --compile false"):
+        check_machine(load_config(["--config", "tiny", "--compile", "true"]), torch.device("cpu"), 0)
+    check_machine(load_config(["--config", "tiny", "--compile", "false"]), torch.device("cpu"), 0)

@@ -76,12 +76,25 @@ def _key_types():
     return keys
 
 
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+# Names people type for these keys (other trainers' flags): suggestions only, never accepted silently.
+ALIASES = {"lr": "learning_rate", "max_lr": "learning_rate", "bs": "batch_size", "batch": "batch_size",
+           "micro_batch_size": "batch_size", "steps": "max_steps", "iters": "max_steps", "max_iters": "max_steps",
+           "num_steps": "max_steps", "warmup": "warmup_steps", "warmup_iters": "warmup_steps", "wd": "weight_decay",
+           "clip": "grad_clip", "attn": "attention", "backend": "attention", "block": "block_size",
+           "context_length": "seq_len", "sequence_length": "seq_len", "T": "seq_len", "B": "batch_size",
+           "output_dir": "out_dir", "outdir": "out_dir", "data": "data_dir", "dataset": "data_dir"}
+
+
 def _convert(key, typ, value, source):
     """Coerce a TOML value or a command-line string to the field's type, or say why not."""
+    if typ is bool and not isinstance(value, bool) and str(value).strip().lower() not in BOOLEANS:
+        raise ConfigError(f"{source}: {key} must be true or false (also 1/0, yes/no, on/off), got {value!r}")
     if isinstance(value, str) and typ is not str:  # from the command line
         text = value.strip().lower()
-        if typ is bool and text in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return text in ("true", "1", "yes", "on")
+        if typ is bool:
+            return BOOLEANS[text]
         try:
             value = int(value) if typ is int else float(value) if typ is float else value
         except ValueError:
@@ -94,9 +107,11 @@ def _convert(key, typ, value, source):
 
 
 def _unknown(key, source):
-    hint = difflib.get_close_matches(key, _key_types(), n=1)
-    suggestion = f"; did you mean --{hint[0]}?" if hint else ""
-    return ConfigError(f"{source}: unknown key {key!r}{suggestion} (valid keys: {', '.join(_key_types())})")
+    """The error for an unknown key, suggesting the key meant, written as the source writes keys."""
+    hint = ALIASES.get(key) or next(iter(difflib.get_close_matches(key, _key_types(), n=1)), None)
+    written = (lambda k: f"--{k}") if source == "command line" else (lambda k: f"{k} = ...")
+    suggestion = f"; did you mean {written(hint)}?" if hint else ""
+    return ConfigError(f"{source}: unknown key {key!r}{suggestion} (python train_gpt2.py --help lists every key)")
 
 
 def _parse_flags(argv):
@@ -185,8 +200,9 @@ def validate(cfg):
                 "profile_steps", "sample_count", "sample_tokens"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative, got {getattr(cfg, key)}")
-    if cfg.grad_clip < 0 or cfg.keep_last < 1 or cfg.eval_batches < 1 or cfg.dist_timeout < 1:
-        raise ConfigError("need grad_clip >= 0, keep_last >= 1, eval_batches >= 1 and dist_timeout >= 1")
+    for key, least in (("grad_clip", 0), ("keep_last", 1), ("eval_batches", 1), ("dist_timeout", 1)):
+        if getattr(cfg, key) < least:
+            raise ConfigError(f"{key} must be at least {least}, got {getattr(cfg, key)}")
 
 
 def flat_config(cfg):
