@@ -69,6 +69,16 @@ def init_model(name, attention):
                          "here and set HF_HUB_OFFLINE=1, or pass --init a folder saved by transformers") from None
 
 
+def generate_timed(model, idx, device, **kwargs):
+    """(model.generate(idx, **kwargs) under the device's autocast, its seconds to the end of the GPU's work)."""
+    t0 = time.perf_counter()
+    with autocast_context(device):
+        out = model.generate(idx, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(p)
@@ -104,13 +114,10 @@ def main(argv=None):
     new_tokens, seconds = 0, 0.0
     for prompt in prompts:
         idx = torch.tensor(prompt, device=device).repeat(args.num_samples, 1)
-        t0 = time.perf_counter()
-        with autocast_context(device):
-            out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, generator,
-                                 use_cache=not args.no_cache, vocab_size=enc.n_vocab)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds += time.perf_counter() - t0
+        out, dt = generate_timed(model, idx, device, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k or None, generator=generator, use_cache=not args.no_cache,
+                                 vocab_size=enc.n_vocab)
+        seconds += dt
         new_tokens += args.num_samples * args.max_new_tokens
         for i, row in enumerate(out.tolist()):
             print(f"--- sample {i + 1} of {args.num_samples}\n{enc.decode(row)}")

@@ -106,11 +106,37 @@ def sweep_block():
     return "\n".join(out)
 
 
+def sample_speed_block():
+    """Generation tokens/s with and without the KV cache (scripts/bench_sample.py), per GPU."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", "sample_speed_*.json"))):
+        report = load(path)
+        table = {}
+        for r in report["rows"]:
+            table.setdefault((r["attention"], r["cache"]), {})[r["batch"]] = r["tokens_per_s"]
+        batches = sorted({r["batch"] for r in report["rows"]})
+        out += [f"**{report['gpu']}** (`results/{os.path.basename(path)}`): {report['model']}, "
+                f"{report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, top-k {report['top_k']}; "
+                f"tokens/s of all B sequences together, median of {report['repeats']} runs", "",
+                "| attention | KV cache | " + " | ".join(f"B={b}" for b in batches) + " |",
+                "|---|---|" + "---:|" * len(batches)]
+        out += [f"| {attention} | {'yes' if cache else 'no'} | " + " | ".join(f"{row[b]:,.0f}" for b in batches) + " |"
+                for (attention, cache), row in table.items()]
+        if ("sdpa", True) in table and ("sdpa", False) in table:
+            out += ["", "KV cache speed-up (sdpa): " + ", ".join(
+                f"{table['sdpa', True][b] / table['sdpa', False][b]:.1f}x at B={b}" for b in batches) + "."]
+        out += ["", "Greedy fp32 decoding, new tokens equal with and without the cache: " + ", ".join(
+            f"{a} {c['equal']}/{c['of']}" for a, c in report["greedy_fp32_cache_equals_no_cache"].items()) + ".",
+                "", f"<sub>{provenance(report)}</sub>", ""]
+    return "\n".join(out)
+
+
 def main():
     path = os.path.join(ROOT, "README.md")
     text = open(path).read()
     for name, block in (("step49", step49_block), ("full_training", full_training_block), ("scaling", scaling_block),
-                        ("attention_bench", bench_block), ("seq_len_sweep", sweep_block)):
+                        ("attention_bench", bench_block), ("seq_len_sweep", sweep_block),
+                        ("sample_speed", sample_speed_block)):
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
         if not pattern.search(text):
             sys.exit(f"README.md has no <!-- results:{name} --> ... <!-- /results:{name} --> markers")

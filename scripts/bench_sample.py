@@ -1,0 +1,80 @@
+"""Generation speed with and without the KV cache: tokens/s of GPT.generate on a GPU.
+
+    python scripts/bench_sample.py        # writes results/sample_speed_<gpu>.json; update_readme.py makes the table
+
+GPT-2 (124M) with random weights: nothing to download, and the work of a step does not depend on the weights (top-k
+50 sampling draws a token either way). A 16-token prompt, 512 new tokens, 1, 8 and 64 sequences at a time, through
+sample.py's timed generate (bf16 autocast, as in training). Each figure is the median of 3 timed runs after a short
+warm-up; tokens/s counts the new tokens of all sequences, the prompt's pass included in the time. The backend
+matters only for the prompt with the cache (each new token goes through the shared decode attention), so triton is
+measured with the cache only. Also records whether greedy decoding in fp32 gives the same tokens with and without
+the cache on this GPU.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from model import GPT, GPTConfig  # noqa: E402
+from sample import generate_timed  # noqa: E402
+from training.metrics import environment, gpu_slug  # noqa: E402
+
+PROMPT, NEW_TOKENS, BATCHES, REPEATS = 16, 512, (1, 8, 64), 3
+CASES = [("sdpa", False), ("sdpa", True), ("triton", True)]
+
+
+def tokens_per_s(model, batch, use_cache, device):
+    """Median tokens/s of REPEATS runs, and every run's figure."""
+    idx = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    kwargs = dict(top_k=50, generator=generator, use_cache=use_cache)
+    generate_timed(model, idx, device, max_new_tokens=32, **kwargs)  # warm-up: kernels loaded, handles made
+    runs = [batch * NEW_TOKENS / generate_timed(model, idx, device, max_new_tokens=NEW_TOKENS, **kwargs)[1]
+            for _ in range(REPEATS)]
+    return statistics.median(runs), runs
+
+
+def greedy_check(model, device):
+    """New tokens equal with and without the cache, greedy in fp32: 4 sequences, 16-token prompts, 64 new tokens."""
+    idx = torch.randint(0, model.config.vocab_size, (4, PROMPT), device=device)
+    cached = model.generate(idx, 64, top_k=1)[:, PROMPT:]
+    uncached = model.generate(idx, 64, top_k=1, use_cache=False)[:, PROMPT:]
+    return dict(equal=int((cached == uncached).sum()), of=cached.numel())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="default: results/sample_speed_<gpu>.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: this benchmark needs a CUDA GPU")
+    device = torch.device("cuda")
+    env = environment(device)
+    rows, checks = [], {}
+    for attention, use_cache in CASES:
+        torch.manual_seed(0)  # the same weights for every backend
+        model = GPT(GPTConfig(attention=attention)).to(device).eval()
+        checks.setdefault(attention, greedy_check(model, device))
+        for batch in BATCHES:
+            median, runs = tokens_per_s(model, batch, use_cache, device)
+            rows.append(dict(attention=attention, cache=use_cache, batch=batch, tokens_per_s=median, runs=runs))
+            print(f"{attention:6s} cache={str(use_cache):5s} batch {batch:3d}: {median:10,.0f} tokens/s  "
+                  f"(runs {', '.join(f'{r:,.0f}' for r in runs)})", flush=True)
+    for attention, check in checks.items():
+        print(f"greedy fp32, {attention}: {check['equal']} of {check['of']} new tokens equal with and without the cache")
+    report = dict(**env, model="GPT-2 124M, random weights", prompt_tokens=PROMPT, new_tokens=NEW_TOKENS, top_k=50,
+                  repeats=REPEATS, rows=rows, greedy_fp32_cache_equals_no_cache=checks)
+    out = args.out or os.path.join(ROOT, "results", f"sample_speed_{gpu_slug(env['gpu'])}.json")
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
