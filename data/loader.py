@@ -1,8 +1,10 @@
 """The training loader: batches from the token shards of a split (format: data/shards.py)."""
+import sys
+
 import numpy as np
 import torch
 
-from data.shards import find_shards, read_shard
+from data.shards import find_shards, read_header, read_shard
 
 
 class ShardLoader:
@@ -24,9 +26,11 @@ class ShardLoader:
         for path, tokens in zip(self.paths, self.shards):
             if len(tokens) == 0:
                 raise ValueError(f"{path}: empty shard; prepare the data again")
+        if vocab_size is not None:
             # Fail now, with the file named, rather than with a CUDA assert in the embedding mid-run.
-            if vocab_size is not None and int(tokens.max()) >= vocab_size:
-                raise ValueError(f"{path}: token id {int(tokens.max())} >= vocab_size {vocab_size}")
+            for path, largest in zip(self.paths, largest_token_ids(self.paths, self.shards)):
+                if largest >= vocab_size:
+                    raise ValueError(f"{path}: token id {largest} >= vocab_size {vocab_size}")
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # stream offset of each shard
         self.step_tokens = accum * world * B * T
         if self.starts[-1] < self.step_tokens + 1:
@@ -45,9 +49,16 @@ class ShardLoader:
             start, n, i = start + len(piece), n - len(piece), i + 1
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
-    def next_batch(self):
+    def next_batch(self, device="cpu"):
+        """The next (x, y), each (B, T) int64, on device. For a CUDA device the window is gathered into pinned host
+        memory and copied with non_blocking=True, so the host does not wait for the copy (nor for the GPU work queued
+        before it) and goes on queueing the step; PyTorch's caching host allocator hands that pinned buffer out again
+        only after the copy has completed. For the CPU nothing is pinned and the window itself is the batch."""
         B, T = self.B, self.T
-        window = torch.from_numpy(self._read(self.pos + self.rank * B * T, B * T + 1).astype(np.int64))
+        device = torch.device(device)
+        window = torch.empty(B * T + 1, dtype=torch.int64, pin_memory=device.type == "cuda")
+        window.numpy()[:] = self._read(self.pos + self.rank * B * T, B * T + 1)
+        window = window.to(device, non_blocking=True)
         self.pos += self.world * B * T
         self.micro = (self.micro + 1) % self.accum
         if self.micro == 0 and self.pos + self.step_tokens + 1 > self.starts[-1]:
@@ -65,3 +76,13 @@ class ShardLoader:
             raise ValueError(f"the checkpoint was made on {state['tokens']} tokens of data, {', '.join(self.paths)} "
                              f"hold {self.starts[-1]}: the data changed, so its position cannot be restored")
         self.pos = state["pos"]
+
+
+def largest_token_ids(paths, shards):
+    """Each shard's largest token id, from its header; version-1 shards do not record it, so their tokens are read."""
+    recorded = [read_header(path)[1] for path in paths]
+    old = [path for path, largest in zip(paths, recorded) if largest is None]
+    if old:
+        print(f"reading every token of {len(old)} version-1 shard(s) ({old[0]}, ...) to check them against vocab_size: "
+              "they do not record their largest token id; shards prepared again skip this", file=sys.stderr)
+    return [int(tokens.max()) if largest is None else largest for tokens, largest in zip(shards, recorded)]

@@ -6,7 +6,9 @@ import torch
 
 from data import tinyshakespeare
 from data.loader import ShardLoader
-from data.shards import HEADER_INTS, read_shard, write_shard
+from data.shards import HEADER_INTS, MAGIC, read_header, read_shard, write_shard
+
+CUDA = torch.cuda.is_available()
 
 
 def make_shard(tmp_path, n, name="x_train_000000.bin"):
@@ -20,6 +22,47 @@ def test_shard_round_trip(tmp_path):
     write_shard(tmp_path / "a_train_000000.bin", tokens)
     assert np.array_equal(read_shard(tmp_path / "a_train_000000.bin"), tokens)
     assert not os.path.exists(tmp_path / "a_train_000000.bin.tmp")
+
+
+def test_header_records_the_largest_token_id(tmp_path):
+    write_shard(tmp_path / "a_train_000000.bin", [5, 50256, 17, 0])
+    write_shard(tmp_path / "a_val_000000.bin", np.zeros(0, dtype=np.uint16))
+    assert read_header(tmp_path / "a_train_000000.bin") == (4, 50256)
+    assert read_header(tmp_path / "a_val_000000.bin") == (0, -1)
+
+
+def write_version_1_shard(path, tokens):
+    """The format before the largest token id was recorded: magic, version 1, token count, zeros, uint16 tokens."""
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = MAGIC, 1, len(tokens)
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+def test_version_1_shards_still_load_with_a_scan(tmp_path, capsys):
+    write_version_1_shard(tmp_path / "x_train_000000.bin", np.arange(40))
+    write_shard(tmp_path / "x_train_000001.bin", np.arange(40, 80))
+    assert read_header(tmp_path / "x_train_000000.bin") == (40, None)
+    assert read_shard(tmp_path / "x_train_000000.bin").tolist() == list(range(40))
+    x, y = ShardLoader(tmp_path, "train", 1, 50, vocab_size=80).next_batch()
+    assert x[0].tolist() == list(range(50)) and y[0].tolist() == list(range(1, 51))
+    assert "reading every token of 1 version-1 shard(s)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"x_train_000000.bin: token id 39 >= vocab_size 39"):  # the scan found 39
+        ShardLoader(tmp_path, "train", 1, 50, vocab_size=39)
+
+
+def test_loader_checks_the_header_not_the_tokens(tmp_path, capsys):
+    """The vocab check reads the header's largest id: one that says too large is refused, naming the file, although
+    every token is in range; and no shard is scanned or announced."""
+    write_shard(tmp_path / "x_train_000000.bin", np.arange(40))
+    write_shard(tmp_path / "x_train_000001.bin", np.arange(40))
+    path = tmp_path / "x_train_000001.bin"
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    header[3] = 60000
+    with open(path, "r+b") as f:
+        f.write(header.tobytes())
+    with pytest.raises(ValueError, match=r"x_train_000001.bin: token id 60000 >= vocab_size 50257"):
+        ShardLoader(tmp_path, "train", 1, 8, vocab_size=50257)
+    assert capsys.readouterr().err == ""
 
 
 def test_truncated_and_foreign_shards_are_refused(tmp_path):
@@ -78,6 +121,39 @@ def test_any_split_into_processes_and_micro_steps_reads_the_same_rows(tmp_path):
             out += [x for loader in loaders for x in loader.next_batch()[0]]
         return sorted(map(tuple, torch.stack(out).tolist()))  # the multiset of rows read
     assert rows(1, 1) == rows(2, 1) == rows(1, 2) == rows(2, 4) == rows(8, 1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU"))])
+def test_loader_yields_the_documented_stream_on_a_device(tmp_path, device):
+    """Batches, moved to the device (pinned and non-blocking on CUDA), against an independent transcription of the
+    loader's rule: ranks' windows at pos + r·B·T, pos advancing by world·B·T, back to 0 between optimizer steps when
+    the next step does not fit; shards of uneven lengths, several wrap-arounds, and a resume from state_dict."""
+    rng = np.random.default_rng(0)
+    shards = [rng.integers(0, 50257, n) for n in (37, 5, 90, 61)]
+    for i, tokens in enumerate(shards):
+        write_shard(tmp_path / f"r_train_{i:06d}.bin", tokens)
+    stream = np.concatenate(shards)
+    B, T, world, accum = 2, 3, 2, 2  # 24 tokens a step: 8 steps fit in the 193 tokens, then the stream wraps
+    expected, pos = [], 0
+    for step in range(20):
+        for micro in range(accum):
+            expected.append([stream[pos + r * B * T:pos + (r + 1) * B * T + 1] for r in range(world)])
+            pos += world * B * T
+        if pos + accum * world * B * T + 1 > len(stream):
+            pos = 0
+    for rank in range(world):
+        loader = ShardLoader(tmp_path, "train", B, T, rank, world, vocab_size=50257, accum=accum)
+        got = []
+        for i in range(len(expected)):
+            if i == 9 * accum:  # a checkpoint between optimizer steps, resumed by a new loader
+                state = loader.state_dict()
+                loader = ShardLoader(tmp_path, "train", B, T, rank, world, vocab_size=50257, accum=accum)
+                loader.load_state_dict(state)
+            got.append(loader.next_batch(device))
+        for (x, y), windows in zip(got, expected):
+            assert x.device.type == y.device.type == device and x.dtype == y.dtype == torch.int64
+            assert x.cpu().tolist() == windows[rank][:-1].reshape(B, T).tolist()
+            assert y.cpu().tolist() == windows[rank][1:].reshape(B, T).tolist()
 
 
 def test_loader_cycles_through_shards(tmp_path):
