@@ -70,8 +70,6 @@ def main(argv=None):
         step_dir = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
-    out = args.out or (os.path.join(step_dir, "eval.json") if step_dir else
-                       os.path.join("out", f"eval_{os.path.basename(os.path.normpath(args.init or 'model'))}.json"))
     if "val" in args.tasks:
         if step_dir is None and args.data_dir is None:
             raise SystemExit("error: no data folder for the validation loss: pass --data_dir, or --tasks hellaswag")
@@ -88,9 +86,13 @@ def main(argv=None):
             raise SystemExit(f"error: {e}") from None
 
     model, device, name, settings = load(args, local_rank)
+    out = args.out or (os.path.join(step_dir, "eval.json") if step_dir else
+                       os.path.join("out", f"eval_{os.path.basename(os.path.normpath(name))}.json"))
     seq_len = args.seq_len or model.config.block_size
     data_dir = args.data_dir or settings.get("data_dir")
     if "val" in args.tasks:
+        if seq_len > model.config.block_size:
+            raise SystemExit(f"error: --seq_len {seq_len} is longer than {name}'s block_size {model.config.block_size}")
         try:
             loader = ShardLoader(data_dir, "val", args.batch_size, seq_len, rank, world, model.config.vocab_size)
         except (ValueError, FileNotFoundError) as e:

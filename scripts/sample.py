@@ -23,7 +23,7 @@ from attention import BACKENDS  # noqa: E402
 from data.tokenizer import gpt2_encoding  # noqa: E402
 from model import GPT  # noqa: E402
 from train_gpt2 import autocast_context, resolve_device  # noqa: E402
-from training.checkpoints import CheckpointError, load_model  # noqa: E402
+from training.checkpoints import load_model  # noqa: E402
 
 
 def add_model_args(p):
@@ -43,15 +43,16 @@ def load(args, local_rank=0):
                          "gpt2-xl|FOLDER, one of the two")
     try:
         device = resolve_device(args.device, local_rank)
-        if args.attention == "triton":
-            from attention.triton import check_device
-            check_device(device)
         if args.checkpoint is not None:
             model, settings = load_model(args.checkpoint, device, args.attention)
-            return model.eval(), device, args.checkpoint, settings
-        return init_model(args.init, args.attention or "sdpa").to(device).eval(), device, args.init, {}
+        else:
+            model, settings = init_model(args.init, args.attention or "sdpa").to(device), {}
+        if model.config.attention == "triton":  # asked for, or the checkpoint's
+            from attention.triton import check_device
+            check_device(device)
     except (ValueError, RuntimeError) as e:  # CheckpointError and ConfigError are ValueErrors
         raise SystemExit(f"error: {e}") from None
+    return model.eval(), device, args.checkpoint or args.init, settings
 
 
 def init_model(name, attention):
@@ -106,9 +107,9 @@ def main(argv=None):
         raise SystemExit("error: an empty --prompt; give at least one token, or leave --prompt out for <|endoftext|>")
 
     model, device, name, _ = load(args)
-    too_large = max(max(p) for p in prompts)
-    if too_large >= model.config.vocab_size:
-        raise SystemExit(f"error: the prompts hold GPT-2 token {too_large}, beyond {name}'s vocab_size "
+    largest = max(max(p) for p in prompts)
+    if largest >= model.config.vocab_size:
+        raise SystemExit(f"error: the prompts hold GPT-2 token {largest}, beyond {name}'s vocab_size "
                          f"{model.config.vocab_size}")
     generator = torch.Generator(device).manual_seed(args.seed)
     new_tokens, seconds = 0, 0.0
