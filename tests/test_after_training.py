@@ -18,6 +18,7 @@ from training.checkpoints import load_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32)  # head size 16: the triton kernel's least
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU, triton runs in its interpreter (conftest.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -29,8 +30,8 @@ def test_cached_logits_equal_full_forward_at_every_position(attention):
     step the last position's logits equal a full forward pass over the whole sequence (a second code path), and
     the cache's buffers never move."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY, attention=attention)).eval()
-    seq = torch.randint(0, 101, (2, 32))
+    model = GPT(GPTConfig(**TINY, attention=attention)).to(DEVICE).eval()
+    seq = torch.randint(0, 101, (2, 32), device=DEVICE)
     cache = KVCache(model.config.n_layer, 32)
     with torch.no_grad():
         logits, _ = model(seq[:, :13], cache=cache)
@@ -50,9 +51,9 @@ def test_cached_greedy_generation_equals_uncached(attention):
     to 37 tokens: the cache fills to block_size 32, then generation goes on past it, where both paths predict each
     token from the last 32 tokens by a full pass."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY, attention=attention)).eval()
+    model = GPT(GPTConfig(**TINY, attention=attention)).to(DEVICE).eval()
     for prompt_len in (1, 17):
-        idx = torch.randint(0, 101, (2, prompt_len))
+        idx = torch.randint(0, 101, (2, prompt_len), device=DEVICE)
         cached = model.generate(idx, 37 - prompt_len, top_k=1)
         uncached = model.generate(idx, 37 - prompt_len, top_k=1, use_cache=False)
         assert cached.shape == (2, 37)
