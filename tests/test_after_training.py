@@ -260,6 +260,7 @@ def test_evaluate_two_processes_equal_one(run_dir, hf_folder, hellaswag_file, tm
     ("export_hf", ["{tmp}/missing", "--out_dir", "{tmp}/x"], "'{tmp}/missing' is neither a checkpoint"),
     ("sample", ["{tmp}/run"], "{tmp}/run is a run folder with no complete checkpoint"),
     ("evaluate", ["{tmp}/run"], "{tmp}/run is a run folder with no complete checkpoint"),
+    ("export_hf", ["{tmp}/run", "--out_dir", "{tmp}/x"], "{tmp}/run is a run folder with no complete checkpoint"),
     ("sample", ["--init", "gpt3"], "unknown model_type 'gpt3'; choose one of: gpt2, gpt2-medium"),
     ("evaluate", ["--init", "gpt3", "--tasks", "hellaswag", "--hellaswag", "{tmp}/hs.jsonl"], "unknown model_type 'gpt3'"),
     ("evaluate", ["--init", "gpt2"], "no data folder for the validation loss: pass --data_dir"),
