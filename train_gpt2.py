@@ -33,6 +33,7 @@ from model import GPT
 from training import checkpoints, metrics
 from training.config import ConfigError, flat_config, grad_accum_steps, help_text, load_config
 from training.distributed import STOPPED_EXIT_CODE, StopRequest, any_rank, barrier, broadcast, check_same_config
+from training.precision import BF16Params
 from training.run_dir import claim
 
 
@@ -98,8 +99,11 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
             torch.set_rng_state(ckpt["rng"]["cpu"])
             if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    # The training forward runs under bf16 autocast, or, with bf16_params, on a bf16 copy of the model without it.
+    bf16 = BF16Params(raw_model) if cfg.bf16_params else None
+    model, step_autocast = (bf16.model, nullcontext()) if bf16 else (raw_model, autocast)
     if cfg.compile:
-        model = torch.compile(model, fullgraph=True)
+        model = torch.compile(model, fullgraph=True, mode=cfg.compile_mode)
     compiled = model  # evaluation calls this one: DDP's wrapper is for training steps
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -134,7 +138,8 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
     for step in range(start_step, cfg.max_steps):
         last = step == cfg.max_steps - 1
         if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
-            results = evaluate(cfg, compiled, raw_model, val_loader, device, autocast, rank, world, encoding, stop)
+            results = evaluate(cfg, compiled, raw_model, val_loader, device, step_autocast, autocast, rank, world,
+                               encoding, stop)
             if master and results:
                 print(f"eval step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "samples"))
                 for text in results.get("samples", []):
@@ -151,19 +156,22 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            x, y = loader.next_batch()
-            x, y = x.to(device), y.to(device)
+            x, y = loader.next_batch(device)  # pinned memory, copied without blocking the host
             # DDP all-reduces gradients during backward; only the last micro-step's backward needs to.
             with model.no_sync() if ddp and micro < accum - 1 else nullcontext():
-                with autocast:
+                with step_autocast:
                     _, loss = model(x, y)
                 (loss / accum).backward()
             loss_sum += loss.detach()
+        if bf16:
+            bf16.grads_to_master()
         grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)
         if cfg.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), cfg.grad_clip, grad_norm)
         optimizer.step()
+        if bf16:
+            bf16.master_to_model()
         # One all-reduce and one host sync per step: the mean loss, and whether any rank was asked to stop.
         flags = torch.stack([loss_sum / (accum * world), stop.flag(device)])
         if ddp:  # SUM: gloo has no AVG
@@ -280,7 +288,7 @@ def make_optimizer(model, cfg, device):
 # training's compiled graph is never recompiled. A stop request cuts an evaluation short: no results then.
 
 @torch.no_grad()
-def evaluate(cfg, model, raw_model, val_loader, device, autocast, rank, world, encoding, stop):
+def evaluate(cfg, model, raw_model, val_loader, device, step_autocast, autocast, rank, world, encoding, stop):
     raw_model.eval()
     results = {}
     val_loader.reset()  # the same validation tokens every time
@@ -288,9 +296,9 @@ def evaluate(cfg, model, raw_model, val_loader, device, autocast, rank, world, e
     for i in range(cfg.eval_batches):
         if stop.signalled:
             break
-        x, y = val_loader.next_batch()
-        with autocast:
-            total += model(x.to(device), y.to(device))[1].float()
+        x, y = val_loader.next_batch(device)
+        with step_autocast:
+            total += model(x, y)[1].float()
         if show_progress(rank, cfg.eval_batches):
             print(f"  eval batch {i + 1}/{cfg.eval_batches}", end="\r", flush=True)
     if world > 1:

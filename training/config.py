@@ -18,6 +18,9 @@ from model import GPTConfig
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -61,6 +64,8 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
     compile: bool = True  # torch.compile the whole model (fullgraph=True)
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
+    bf16_params: bool = False  # bf16 parameters, gradients and activations, AdamW on fp32 masters (training/precision.py)
     dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before the run fails
     seed: int = 1337  # random seed of the initialisation and the samples
     out_dir: str = "out"  # the run's folder: config, logs, summary, checkpoints (one run per folder)
@@ -194,6 +199,8 @@ def validate(cfg):
         raise ConfigError(f"device {cfg.device!r}: choose auto, cuda, mps or cpu")
     if cfg.learning_rate <= 0 or not 0 <= cfg.min_lr <= cfg.learning_rate:
         raise ConfigError(f"need 0 < learning_rate and 0 <= min_lr <= learning_rate, got {cfg.learning_rate}, {cfg.min_lr}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode {cfg.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"lr_schedule {cfg.lr_schedule!r}: choose constant or cosine")
     for key in ("total_batch_size", "warmup_steps", "eval_interval", "checkpoint_interval", "timing_warmup",
