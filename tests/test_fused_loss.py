@@ -65,6 +65,18 @@ def test_gpt_with_loss_chunk_trains_like_the_plain_path():
         torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_gpt_evaluation_without_grad_gives_the_loss_of_the_logits():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, loss_chunk=16)).eval()
+    idx = torch.randint(0, 101, (3, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, loss = model(idx[:, :-1], idx[:, 1:])
+        full = model(idx[:, :-1])[0]  # without targets: the plain logits
+    expected = -torch.log_softmax(full.double(), -1).gather(-1, idx[:, 1:, None]).mean()
+    assert logits is None and loss.grad_fn is None
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-6)
+
+
 def test_compiled_fullgraph_gives_the_eager_loss_and_gradients():
     _, loss, grads = grads_of_gpt(loss_chunk=16, compile=True)  # a graph break would raise
     _, eager_loss, eager_grads = grads_of_gpt(loss_chunk=16)
