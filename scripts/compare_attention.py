@@ -3,11 +3,13 @@
     python scripts/compare_attention.py                                   # naive, sdpa, triton x compile on, off
     python scripts/compare_attention.py --backends naive sdpa --compile on --nproc 8
     python scripts/compare_attention.py --config tiny -- --max_steps 5    # flags after -- go to train_gpt2.py
+    python scripts/compare_attention.py --results_dir results             # the repo's own figures
 
 Each run is its own process through the real entry point (train_gpt2.py, under torchrun when --nproc > 1) and
-keeps its files under results/runs/<gpu>/<config>/<backend>-<compile|eager>/. The table is built from those
+keeps its files under <results_dir>/runs/<gpu>/<name>/<backend>-<compile|eager>/. The table is built from those
 runs' summary.json files only. A run that fails or runs out of memory becomes a row that says so.
-Writes results/compare_<config>_<gpu>.json, .md (the table) and .png (loss curves and ms/step bars).
+Writes <results_dir>/compare_<name>_<gpu>.json, .md (the table) and .png (loss curves and ms/step bars); name is
+the config's unless --name gives another (for the same config with other flags). results_dir is out/ unless given.
 """
 import argparse
 import json
@@ -125,7 +127,8 @@ def main(argv=None):
     p.add_argument("--compile", nargs="+", default=["on", "off"], choices=["on", "off"])
     p.add_argument("--config", default="step49")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run, through torchrun")
-    p.add_argument("--results_dir", default=os.path.join(ROOT, "results"))
+    p.add_argument("--results_dir", default=os.path.join(ROOT, "out"), help="results/ for the repo's own figures")
+    p.add_argument("--name", help="names the output files and run folders; default: the config's name")
     p.add_argument("overrides", nargs="*", help="flags for train_gpt2.py, after --")
     args = p.parse_args(argv)
 
@@ -133,7 +136,7 @@ def main(argv=None):
 
     gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     gpu = gpu_slug(gpu_name)
-    name = os.path.splitext(os.path.basename(args.config))[0]
+    name = args.name or os.path.splitext(os.path.basename(args.config))[0]
     rows, summaries = [], {}
     for compile in [c == "on" for c in args.compile]:
         for backend in args.backends:
