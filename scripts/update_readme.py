@@ -131,17 +131,42 @@ def sample_speed_block():
     return "\n".join(out)
 
 
+# The profiles of TRAINING_NOTES.md's levers, in the order they were added: tag -> what the run had on.
+PROFILES = [("chunk0", "plain (before)"), ("chunk8192", "+ fused loss, 8192-row chunks"), ("loader", "+ pinned loader"),
+            ("bf16", "+ bf16_params"), ("chunk16k", "+ 16384-row chunks (the config)")]
+
+
+def profile_block():
+    """GPU time per step by category (scripts/profile_step.py), one column per lever, for the full config."""
+    reports = [(label, load(path)) for tag, label in PROFILES
+               for path in glob.glob(os.path.join(ROOT, "results", f"profile_gpt2_124m_short_{tag}_*.json"))]
+    if not reports:
+        return ""
+    categories = list(reports[0][1]["profile"]["categories"])
+    cell = lambda r, c: f"{r['profile']['categories'][c]['ms']:.0f}" if c in r["profile"]["categories"] else "–"
+    out = ["| ms per step | " + " | ".join(label for label, _ in reports) + " |", "|---" + "|---:" * len(reports) + "|"]
+    out += [f"| {c} | " + " | ".join(cell(r, c) for _, r in reports) + " |" for c in categories]
+    out += ["| GPU idle | " + " | ".join(f"{r['profile']['gpu_idle_ms_per_step']:.0f}" for _, r in reports) + " |",
+            "| **step (trainer's mean)** | " + " | ".join(f"**{r['mean_ms']:.0f}**" for _, r in reports) + " |",
+            "| peak memory (GiB) | " + " | ".join(f"{r['peak_mem_gib']:.1f}" for _, r in reports) + " |",
+            "", f"<sub>{provenance(reports[-1][1])}</sub>"]
+    return "\n".join(out)
+
+
 def main():
     path = os.path.join(ROOT, "README.md")
-    text = open(path).read()
+    text = original = open(path).read()
     for name, block in (("step49", step49_block), ("full_training", full_training_block), ("scaling", scaling_block),
                         ("attention_bench", bench_block), ("seq_len_sweep", sweep_block),
-                        ("sample_speed", sample_speed_block)):
+                        ("sample_speed", sample_speed_block), ("profile", profile_block)):
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
         if not pattern.search(text):
             sys.exit(f"README.md has no <!-- results:{name} --> ... <!-- /results:{name} --> markers")
         content = block().strip() or "_No results yet._"
         text = pattern.sub(lambda m: m.group(1) + content + "\n" + m.group(2), text)
+    if text == original:
+        print(f"{path} is up to date: its results blocks already match results/")
+        return
     with open(path, "w") as f:
         f.write(text)
     print(f"updated {path}")
