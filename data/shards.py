@@ -49,11 +49,22 @@ def read_shard(path):
     return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n_tokens,))
 
 
+# The command that prepares each corpus into its default folder, for the error messages.
+PREPARE = {"tinyshakespeare": "python -m data.tinyshakespeare", "fineweb_edu": "python -m data.fineweb"}
+
+
+def prepare_hint(data_dir):
+    command = PREPARE.get(os.path.basename(os.path.normpath(data_dir)))
+    if command:
+        return f"prepare it with `{command}`"
+    return f"prepare a corpus there ({' or '.join(f'`{c} --out_dir {data_dir}`' for c in PREPARE.values())})"
+
+
 def find_shards(data_dir, split):
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"data directory {data_dir!r} does not exist; prepare it first "
-                                f"(python -m data.tinyshakespeare) or set --data_dir")
+        raise FileNotFoundError(f"data directory {data_dir!r} does not exist; {prepare_hint(data_dir)}, "
+                                "or set --data_dir")
     paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
     if not paths:
-        raise FileNotFoundError(f"no '{split}' shards (*_{split}_*.bin) in {data_dir!r}; prepare the data first")
+        raise FileNotFoundError(f"no '{split}' shards (*_{split}_*.bin) in {data_dir!r}; {prepare_hint(data_dir)}")
     return paths

@@ -11,3 +11,14 @@ if not torch.cuda.is_available():
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def gpt2_or_skip():
+    """GPT-2's BPE encoding, or a skip that names what the test needs (CI provides the files through
+    TIKTOKEN_CACHE_DIR, so nothing is skipped there)."""
+    import pytest
+    from data.tokenizer import gpt2_encoding
+    try:
+        return gpt2_encoding()
+    except RuntimeError as e:
+        pytest.skip(f"needs GPT-2's BPE files: {e}", allow_module_level=True)

@@ -223,3 +223,34 @@ def test_prepare_without_bpe_files_names_the_fix(tmp_path, monkeypatch):
     (tmp_path / "input.txt").write_text("hello")
     with pytest.raises(SystemExit, match="TIKTOKEN_CACHE_DIR"):
         tinyshakespeare.main(["--input", str(tmp_path / "input.txt"), "--out_dir", str(tmp_path / "out")])
+
+
+def test_gpt2_encoding_from_openais_original_files(monkeypatch):
+    """GPT2_BPE_DIR: the encoding built from vocab.bpe + encoder.json encodes exactly as tiktoken's own gpt2."""
+    import tiktoken
+    from conftest import gpt2_or_skip
+    from data.tokenizer import gpt2_encoding
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "gpt2_bpe")
+    if not os.path.isdir(folder):
+        pytest.skip(f"needs OpenAI's vocab.bpe and encoder.json in {folder} (../shared/gpt2_bpe beside the repo)")
+    reference = gpt2_or_skip()  # tiktoken's own, from its cache
+    monkeypatch.setenv("GPT2_BPE_DIR", folder)
+    ours = gpt2_encoding()
+    text = "Hello, I'm a language model, é ✓ 日本語 <|endoftext|> don't   spaces\n\nnew lines 1234567"
+    assert ours.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+    assert ours.encode_ordinary(text) == reference.encode_ordinary(text) and ours.n_vocab == reference.n_vocab == 50257
+    assert isinstance(ours, tiktoken.Encoding)
+    monkeypatch.setenv("GPT2_BPE_DIR", str(os.path.dirname(folder)))  # a folder without the files: one clear line
+    with pytest.raises(RuntimeError, match="vocab.bpe, .*encoder.json not found"):
+        gpt2_encoding()
+
+
+def test_missing_data_names_the_command_that_prepares_it(tmp_path):
+    from data.shards import find_shards
+    with pytest.raises(FileNotFoundError, match=r"'data/fineweb_edu' does not exist; prepare it with `python -m data.fineweb`"):
+        find_shards("data/fineweb_edu", "train")
+    with pytest.raises(FileNotFoundError, match=r"prepare it with `python -m data.tinyshakespeare`"):
+        find_shards(str(tmp_path / "x" / "tinyshakespeare"), "train")
+    with pytest.raises(FileNotFoundError, match=rf"no 'val' shards .* in '{tmp_path}'; prepare a corpus there "
+                                                rf"\(`python -m data.tinyshakespeare --out_dir {tmp_path}`"):
+        find_shards(str(tmp_path), "val")

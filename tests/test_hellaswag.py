@@ -14,10 +14,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from conftest import gpt2_or_skip
 from data import hellaswag
 from model import GPTConfig
 
-enc = tiktoken.get_encoding("gpt2")
+enc = gpt2_or_skip()
 THE, CAT = enc.encode_ordinary(" the"), enc.encode_ordinary(" cat")
 assert len(THE) == len(CAT) == 1
 THE, CAT = THE[0], CAT[0]
