@@ -3,7 +3,8 @@
     python scripts/scaling.py --nproc 8 -- --data_dir data/tinyshakespeare --eval_interval 0 --checkpoint_interval 0
 
 Each run goes through train_gpt2.py (torchrun for N > 1) with the config's total_batch_size, so both runs of a
-backend take the same optimizer steps on the same tokens (data/loader.py). Writes results/scaling_<N>x<gpu>.json
+backend take the same optimizer steps on the same tokens (data/loader.py); a config without a fixed global batch is
+refused. Writes <results_dir>/scaling_<N>x<gpu>.json (results_dir: out/ unless given)
 and .md with, per backend: tokens/s in total and per GPU, scaling efficiency = tokens/s(N) / (N * tokens/s(1)),
 and the largest per-step loss difference between the N-GPU and the 1-GPU run, next to the bf16 noise: the largest
 per-step loss difference between the 1-GPU runs of two backends (the same math, differently rounded).
@@ -17,7 +18,21 @@ from argparse import Namespace
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from compare_attention import fmt, run_info, run_one  # noqa: E402
+from training.config import ConfigError, grad_accum_steps, load_config  # noqa: E402
 from training.metrics import gpu_slug  # noqa: E402
+
+
+def check_same_global_batch(config, overrides, nproc):
+    """Refuse, before any run, a comparison whose 1-GPU and N-GPU runs would not train on the same batches."""
+    try:
+        cfg = load_config(["--config", config, *overrides])
+        if cfg.total_batch_size == 0:
+            raise ConfigError(f"total_batch_size is 0 (B*T*processes), so 1 and {nproc} GPUs would train on different "
+                              f"global batches; set --total_batch_size, e.g. {cfg.batch_size * cfg.seq_len * nproc}")
+        for world in (1, nproc):  # divisible on both, or the error says how
+            grad_accum_steps(cfg, world)
+    except ConfigError as e:
+        raise SystemExit(f"error: scaling needs one global batch for both runs: {e}") from None
 
 
 def max_abs_diff(a, b):
@@ -30,9 +45,10 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", default=["sdpa", "triton"])
     p.add_argument("--config", default="gpt2_124m_short")
     p.add_argument("--compile", default="on", choices=["on", "off"])
-    p.add_argument("--results_dir", default=os.path.join(ROOT, "results"))
+    p.add_argument("--results_dir", default=os.path.join(ROOT, "out"), help="results/ for the repo's own figures")
     p.add_argument("overrides", nargs="*", help="flags for train_gpt2.py, after --")
     args = p.parse_args(argv)
+    check_same_global_batch(args.config, args.overrides, args.nproc)
 
     import torch
 

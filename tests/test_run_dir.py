@@ -2,6 +2,7 @@
 damaged checkpoints and logs are named and stepped over; every such mistake is one line on stderr."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ import pytest
 
 from data.shards import write_shard
 from test_train import ROOT, read_metrics, train
+from training.distributed import STOPPED_EXIT_CODE
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +149,25 @@ def test_summary_after_resume_leaves_out_the_resumed_process_warm_up(data_dir, t
     # This process ran steps 3..6: its first two (3, 4) are warm-up, so the mean is over 5 and 6 alone.
     assert summary["mean_ms"] == pytest.approx((rows[5]["dt_ms"] + rows[6]["dt_ms"]) / 2)
     assert "mean over steps 5-6" in summary["timing"]
+
+
+def test_sigint_during_evaluation_stops_the_run(tmp_path):
+    write_shard(tmp_path / "s_train_000000.bin", np.random.default_rng(0).integers(0, 128, 2000))
+    write_shard(tmp_path / "s_val_000000.bin", np.random.default_rng(1).integers(0, 128, 2000))
+    cmd = [sys.executable, os.path.join(ROOT, "train_gpt2.py"), "--config", "tiny", f"--data_dir={tmp_path}",
+           "--batch_size=2", "--seq_len=16", "--device=cpu", "--compile=false", "--max_steps=5", "--n_layer=2",
+           "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=128", "--eval_interval=1",
+           "--eval_batches=1000000", "--sample_count=0", "--checkpoint_interval=10", f"--out_dir={tmp_path / 'out'}"]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "attention backend" not in run.stdout.readline():  # set-up done: the step-0 evaluation is next
+        pass
+    time.sleep(2)  # well inside an evaluation of a million batches
+    run.send_signal(signal.SIGINT)
+    started = time.perf_counter()
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == STOPPED_EXIT_CODE, err
+    assert time.perf_counter() - started < 60
+    assert "SIGINT: the run stops after the current step and saves a checkpoint" in out
+    assert [r["step"] for r in read_metrics(tmp_path / "out")] == [0]  # the step in progress, then the stop
+    assert os.listdir(tmp_path / "out" / "checkpoints") == ["step_000001"]
+    assert (tmp_path / "out" / "evals.jsonl").read_text() == ""  # the cut evaluation left no figures

@@ -30,3 +30,12 @@ def test_scaling_report_comes_from_the_runs(tmp_path):
         assert row["max_loss_diff_vs_1gpu"] == max(abs(a - b) for a, b in zip(one["loss"], two["loss"])) < 1e-5
     assert report["bf16_noise_between_backends_1gpu"] is not None
     assert "| naive |" in (results / "scaling_2xcpu.md").read_text()
+
+
+def test_runs_with_different_global_batches_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"scaling needs one global batch for both runs: total_batch_size is 0"):
+        scaling.main(["--nproc", "2", "--config", "tiny", "--results_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"not a multiple of batch_size\*seq_len\*processes"):
+        scaling.main(["--nproc", "2", "--config", "tiny", "--results_dir", str(tmp_path), "--",
+                      "--total_batch_size=256", "--batch_size=4", "--seq_len=64"])
+    assert not os.listdir(tmp_path)  # refused before any run
