@@ -4,11 +4,10 @@
 
 GPT-2 (124M) with random weights: nothing to download, and the work of a step does not depend on the weights (top-k
 50 sampling draws a token either way). A 16-token prompt, 512 new tokens, 1, 8 and 64 sequences at a time, through
-sample.py's timed generate (bf16 autocast, as in training). Each figure is the median of 3 timed runs after a short
-warm-up; tokens/s counts the new tokens of all sequences, the prompt's pass included in the time. The backend
-matters only for the prompt with the cache (each new token goes through the shared decode attention), so triton is
-measured with the cache only. Also records whether greedy decoding in fp32 gives the same tokens with and without
-the cache on this GPU.
+sample.py's timed generate (bf16 autocast, as in training), sdpa attention (with the cache, the backend computes
+only the prompt: each new token goes through the shared decode attention). Each figure is the median of 3 timed
+runs after a short warm-up; tokens/s counts the new tokens of all sequences, the prompt's pass included in the time.
+Also records whether greedy decoding in fp32 gives the same tokens with and without the cache on this GPU.
 """
 import argparse
 import json
@@ -26,7 +25,7 @@ from sample import generate_timed  # noqa: E402
 from training.metrics import environment, gpu_slug  # noqa: E402
 
 PROMPT, NEW_TOKENS, BATCHES, REPEATS = 16, 512, (1, 8, 64), 3
-CASES = [("sdpa", False), ("sdpa", True), ("triton", True)]
+CASES = [("sdpa", False), ("sdpa", True)]
 
 
 def tokens_per_s(model, batch, use_cache, device):
