@@ -94,15 +94,22 @@ def sweep_block():
     for path in sorted(glob.glob(os.path.join(ROOT, "results", "attention_sweep_*.json"))):
         report = load(path)
         name = os.path.basename(path)[:-5]
-        backends = list(next(iter(report["results"].values())))
-        out += [f"**{report['gpu']}**, B·T = {report['shape']['tokens']}, H={report['shape']['H']}, "
-                f"D={report['shape']['D']}: forward+backward ms / peak extra memory (MiB)", "",
-                "| T | " + " | ".join(backends) + " |", "|---" * (len(backends) + 1) + "|"]
-        for T, rows in report["results"].items():
-            out.append(f"| {T} | " + " | ".join(rows[b]["error"] if "error" in rows[b] else
-                                                 f"{rows[b]['fwd_bwd_ms']:.2f} / {rows[b]['peak_mib']:.0f}"
-                                                 for b in backends) + " |")
-        out += ["", f"![time and memory against T](results/{name}.png)", "", f"<sub>{provenance(report)}</sub>"]
+        for group, by_t in report["results"].items():
+            backends = list(next(iter(by_t.values())))
+            out += [f"**{report['gpu']}**, B·T = {report['shape']['tokens']}, {group}: forward+backward ms (do_bench) / "
+                    "peak extra memory (MiB); triton's speed against sdpa default (its time / triton's) in GPU time and "
+                    "do_bench time", "",
+                    "| T | " + " | ".join(backends) + " | triton vs sdpa default: fwd+bwd GPU / do_bench | fwd GPU / "
+                    "do_bench |", "|---" * (len(backends) + 3) + "|"]
+            for T, rows in by_t.items():
+                r = report["ratios"][group][T]
+                out.append(f"| {T} | " + " | ".join(rows[b]["error"] if "error" in rows[b] else
+                                                     f"{rows[b]['fwd_bwd_ms']:.2f} / {rows[b]['peak_mib']:.0f}"
+                                                     for b in backends) +
+                           f" | {r['fwd_bwd gpu']:.2f} / {r['fwd_bwd do_bench']:.2f} | {r['fwd gpu']:.2f} / "
+                           f"{r['fwd do_bench']:.2f} |")
+            out.append("")
+        out += [f"![time and memory against T](results/{name}.png)", "", f"<sub>{provenance(report)}</sub>"]
     return "\n".join(out)
 
 
