@@ -3,23 +3,7 @@ import pytest
 import torch
 
 from attention import BACKENDS, get_attention
-
-
-def qkv_views(B, H, T, D, dtype=torch.float32, seed=0):
-    """q, k, v as the model produces them: strided (B, H, T, D) views into one (B, T, 3·H·D) projection."""
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, T, 3 * H * D, generator=g, dtype=dtype, requires_grad=True)
-    q, k, v = qkv.split(H * D, dim=2)
-    return qkv, [t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v)]
-
-
-def reference(q, k, v):
-    """Causal attention in fp64, by the definition."""
-    q, k, v = q.double(), k.double(), v.double()
-    T = q.size(-2)
-    s = q @ k.transpose(-2, -1) / q.size(-1) ** 0.5
-    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
+from conftest import attention_fp64, qkv_views
 
 
 @pytest.mark.parametrize("T", [1, 17, 64, 100])
@@ -33,7 +17,7 @@ def test_naive_matches_sdpa_and_fp64(T):
         (out * dout).sum().backward()
         outs[name], grads[name] = out.detach(), qkv.grad
     _, (q, k, v) = qkv_views(2, 3, T, 16)
-    torch.testing.assert_close(outs["naive"], reference(q, k, v).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["naive"], attention_fp64(q, k, v).float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["naive"], outs["sdpa"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads["naive"], grads["sdpa"], atol=1e-4, rtol=1e-4)
 

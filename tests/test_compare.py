@@ -7,21 +7,11 @@ from argparse import Namespace
 import numpy as np
 import pytest
 
-from data.shards import write_shard
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import compare_attention  # noqa: E402
 
 SMALL = ["--vocab_size=128", "--n_layer=1", "--n_embd=32", "--seq_len=16", "--block_size=16", "--max_steps=4",
          "--timing_warmup=1", "--device=cpu"]
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    d = tmp_path / "tokens"
-    d.mkdir()
-    write_shard(d / "synthetic_train_000000.bin", np.random.default_rng(0).integers(0, 128, 2000))
-    return d
 
 
 def test_table_json_and_plot_come_from_the_runs(data_dir, tmp_path):

@@ -10,22 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import MODEL, read_metrics, train
 from data.shards import write_shard
 from model import GPT, GPTConfig
-from test_train import read_metrics, train
 from train_gpt2 import autocast_context, learning_rate
 from training.config import ConfigError, TrainConfig, grad_accum_steps
 from training.metrics import peak_flops
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-    write_shard(d / "synthetic_val_000000.bin", rng.integers(0, 128, 3000))
-    write_shard(d / "synthetic_train_000001.bin", rng.integers(0, 128, 3000))
-    write_shard(d / "synthetic_train_000002.bin", rng.integers(0, 128, 3000))
-    return d
 
 
 def reference_get_lr(it, max_lr, min_lr, warmup_steps, max_steps):
@@ -127,7 +117,6 @@ def test_evaluation_and_sampling_with_the_model_compiled(data_dir, tmp_path):
     assert [e["step"] for e in evals] == [0, 2]  # every 2 steps and at the last
     # Step 0's samples, recomputed by a second code path: a fresh uncompiled model (same seed) sampling directly.
     from data.tokenizer import gpt2_encoding
-    from test_train import MODEL
     enc = gpt2_encoding()
     torch.manual_seed(1337)
     fresh = GPT(GPTConfig(**MODEL, attention="sdpa")).eval()
@@ -157,7 +146,6 @@ def test_wandb_offline_without_an_api_key(data_dir, tmp_path, monkeypatch):
 
 def test_hellaswag_during_training_equals_a_direct_evaluation(tmp_path):
     """The trainer's HellaSwag figure at step 0 against an independent computation (reference_acc_norm)."""
-    from test_train import MODEL
 
     rng = np.random.default_rng(0)
     write_shard(tmp_path / "t_train_000000.bin", rng.integers(0, 50257, 3000))

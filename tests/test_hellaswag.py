@@ -8,7 +8,6 @@ import urllib.request
 from datetime import timedelta
 
 import pytest
-import tiktoken
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -4,22 +4,14 @@ that would hang fails instead."""
 import os
 
 import numpy as np
-import pytest
 import torch
 
+from conftest import read_metrics, train
 from data.shards import write_shard
 from model import GPT, GPTConfig
-from test_train import read_metrics, train
 from training.distributed import STOPPED_EXIT_CODE
 
 DIST = ["--dist_timeout=30", "--batch_size=2"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tokens")
-    write_shard(d / "synthetic_train_000000.bin", np.random.default_rng(0).integers(0, 128, 4000))
-    return d
 
 
 def test_nan_on_one_rank_stops_every_rank_without_saving_it(data_dir, tmp_path):

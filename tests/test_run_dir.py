@@ -10,16 +10,9 @@ import time
 import numpy as np
 import pytest
 
+from conftest import ROOT, read_metrics, train
 from data.shards import write_shard
-from test_train import ROOT, read_metrics, train
 from training.distributed import STOPPED_EXIT_CODE
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tokens")
-    write_shard(d / "synthetic_train_000000.bin", np.random.default_rng(0).integers(0, 128, 5000))
-    return d
 
 
 def snapshot(folder):

@@ -1,45 +1,16 @@
 """The trainer end to end, through its real entry point, on synthetic token shards."""
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import MODEL, read_metrics, train
 from data.loader import ShardLoader
 from data.shards import write_shard
 from model import GPT, GPTConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = dict(vocab_size=128, n_layer=2, n_head=2, n_embd=32, block_size=32)
-FLAGS = [f"--{k}={v}" for k, v in MODEL.items()] + ["--device=cpu", "--compile=false", "--seq_len=16"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tokens")
-    write_shard(d / "synthetic_train_000000.bin", np.random.default_rng(0).integers(0, 128, 5000))
-    return d
-
-
-def train(*flags, nproc=1, env=None, fault=None):
-    """Run train_gpt2.py (under torchrun when nproc > 1) and return the completed process. fault="KIND:RANK:STEP"
-    runs it through tests/faulty_train.py, which injects that fault."""
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     f"--nproc_per_node={nproc}"]
-    script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "train_gpt2.py")
-    env = {**(os.environ if env is None else env), **({"FAULT": fault} if fault else {})}
-    return subprocess.run(launcher + [script, "--config", "tiny", *FLAGS, *flags],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
 
 def test_three_steps_through_the_entry_point(data_dir, tmp_path):
     started = time.perf_counter()
@@ -96,7 +67,7 @@ def test_bad_input_fails_before_training(data_dir, tmp_path):
     run = train(f"--data_dir={tmp_path / 'nowhere'}")
     assert run.returncode != 0 and "does not exist" in run.stderr
     run = train(f"--data_dir={data_dir}", "--vocab_size=100")  # the synthetic tokens go up to 127
-    assert run.returncode != 0 and "synthetic_train_000000.bin: token id 127 >= vocab_size 100" in run.stderr
+    assert run.returncode != 0 and "synthetic_train_000001.bin: token id 127 >= vocab_size 100" in run.stderr
     assert "step" not in run.stdout
 
 
