@@ -358,10 +358,11 @@ def check_machine(cfg, device, rank):
     backend, a compiler for torch.compile; and a word of warning before the 124M model trains on a CPU."""
     if cfg.model.attention == "triton":
         try:
-            from attention.triton import check_device  # triton is imported only by those who ask for it
+            from attention.triton import check_device, check_head_dim  # imported only by those who ask for it
         except ImportError as e:
             raise ConfigError(f"--attention triton needs the triton package ({e}); it comes with CUDA builds of torch "
                               "on Linux (pip install triton). Or use --attention sdpa") from None
+        check_head_dim(cfg.model.n_embd // cfg.model.n_head)
         check_device(device)
     if cfg.compile:
         # Inductor compiles C++ for the CPU; on a GPU, Triton compiles a small C launcher.

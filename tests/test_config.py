@@ -115,3 +115,11 @@ def test_compile_without_a_compiler_says_what_to_do(monkeypatch):
     with pytest.raises(ConfigError, match=r"--compile true needs a C\+\+ compiler .* or use --compile false"):
         check_machine(load_config(["--config", "tiny", "--compile", "true"]), torch.device("cpu"), 0)
     check_machine(load_config(["--config", "tiny", "--compile", "false"]), torch.device("cpu"), 0)
+
+
+def test_a_head_dim_the_triton_kernel_lacks_fails_at_set_up():
+    import torch
+    from train_gpt2 import check_machine
+    cfg = load_config(["--config", "tiny", "--attention", "triton", "--n_embd", "40", "--n_head", "2"])
+    with pytest.raises(ValueError, match=r"got D=20 \(n_embd / n_head\); .* or use `--attention sdpa`"):
+        check_machine(cfg, torch.device("cpu"), 0)
