@@ -31,10 +31,11 @@ from data.loader import ShardLoader
 from data.tokenizer import gpt2_encoding
 from model import GPT
 from training import checkpoints, metrics
+from training.checkpoints import CheckpointError
 from training.config import ConfigError, flat_config, grad_accum_steps, help_text, load_config
 from training.distributed import STOPPED_EXIT_CODE, StopRequest, any_rank, barrier, broadcast, check_same_config
 from training.precision import BF16Params
-from training.run_dir import claim
+from training.run_dir import RunDirError, claim
 
 
 def main(argv=None):
@@ -69,7 +70,7 @@ def main(argv=None):
         # a gloo worker thread still holding tensors at interpreter exit aborts the process.
         gc.collect()
         barrier(world)
-    except ValueError as e:  # found once the ranks compared notes: settings, run folder, checkpoint
+    except (ConfigError, RunDirError, CheckpointError) as e:  # found once the ranks compared notes
         sys.exit(f"error: {e}")
     finally:
         if ddp:
@@ -94,7 +95,10 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
         start_step = ckpt["state"]["step"]
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["state"]["loader"])  # a global stream position: valid for any world size
+        try:
+            loader.load_state_dict(ckpt["state"]["loader"])  # a global stream position: valid for any world size
+        except ValueError as e:
+            raise CheckpointError(f"cannot resume from {resume_path}: {e}") from None
         if ckpt["rng"] is not None:  # absent when resuming on more processes than saved
             torch.set_rng_state(ckpt["rng"]["cpu"])
             if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
@@ -244,15 +248,15 @@ def open_run(cfg, rank, world, device):
             error = str(e)
     error, path = broadcast((error, path), world)
     if error:
-        raise ValueError(error)
+        raise RunDirError(error)
     if path and rank != 0:
         try:
             ckpt = checkpoints.read_checkpoint(path, rank)
-        except checkpoints.CheckpointError as e:
+        except CheckpointError as e:
             error = f"rank {rank} on {socket.gethostname()}: {e} (checkpoints need a folder that every machine sees)"
             print(f"error: {error}", file=sys.stderr)
     if any_rank(error is not None, world, device):
-        raise ValueError(error or "another rank could not read the checkpoint (its error is above)")
+        raise CheckpointError(error or "another rank could not read the checkpoint (its error is above)")
     if ckpt:
         checkpoints.check_same_run(ckpt["state"]["config"], flat_config(cfg), path)
     return lock, path, ckpt
