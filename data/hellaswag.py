@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import urllib.request
 
 import torch
@@ -100,6 +101,8 @@ def evaluate(model, path, device, rank=0, world=1, autocast=contextlib.nullconte
             mean_loss = (losses.view(4, -1) * target_mask).sum(1) / target_mask.sum(1)
             num_correct += int(mean_loss.argmin().item() == label)
             num_total += 1
+            if rank == 0 and num_total % 500 == 0 and sys.stdout.isatty():  # progress, on a terminal only
+                print(f"  hellaswag: about {num_total * world} examples scored", end="\r", flush=True)
     if dist.is_available() and dist.is_initialized():
         counts = torch.tensor([num_correct, num_total], device=device)
         dist.all_reduce(counts)  # SUM, the default: gloo has no AVG
