@@ -54,8 +54,11 @@ def decode_attention(q, k, v):
     """Attention of one new token per sequence, q (B, H, 1, D), to the cached keys and values of every token so far,
     itself included, k and v (B, H, L, D): nothing is in its future, so there is no mask. Every backend decodes
     through this one function because a backend's causal_attention takes q, k, v of one length (its mask is the
-    square lower triangle); the prompt, where they have one length, goes through the backend."""
-    return F.scaled_dot_product_attention(q, k, v)
+    square lower triangle); the prompt, where they have one length, goes through the backend. Plain matmuls, not
+    F.scaled_dot_product_attention: on the H100, sdpa dispatches to cuDNN, which builds a plan for every new shape,
+    and L grows by one at every step (seen on the H100 here: a first generation ran many times slower than the next)."""
+    att = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, 1, L)
+    return F.softmax(att, dim=-1) @ v
 
 
 class CausalSelfAttention(nn.Module):

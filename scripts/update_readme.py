@@ -120,18 +120,21 @@ def sample_speed_block():
         report = load(path)
         table = {}
         for r in report["rows"]:
-            table.setdefault((r["attention"], r["cache"]), {})[r["batch"]] = r["tokens_per_s"]
+            table.setdefault((r["attention"], r["cache"]), {})[r["batch"]] = r
         batches = sorted({r["batch"] for r in report["rows"]})
         out += [f"**{report['gpu']}** (`results/{os.path.basename(path)}`): {report['model']}, "
                 f"{report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, top-k {report['top_k']}; "
-                f"tokens/s of all B sequences together, median of {report['repeats']} runs", "",
+                f"tokens/s of all B sequences together, median of {report['repeats']} warm runs (the first, cold run's in "
+                f"brackets: what one sample.py call sees)", "",
                 "| attention | KV cache | " + " | ".join(f"B={b}" for b in batches) + " |",
                 "|---|---|" + "---:|" * len(batches)]
-        out += [f"| {attention} | {'yes' if cache else 'no'} | " + " | ".join(f"{row[b]:,.0f}" for b in batches) + " |"
+        out += [f"| {attention} | {'yes' if cache else 'no'} | " + " | ".join(
+                    f"{row[b]['tokens_per_s']:,.0f} ({row[b]['cold_tokens_per_s']:,.0f})" for b in batches) + " |"
                 for (attention, cache), row in table.items()]
         if ("sdpa", True) in table and ("sdpa", False) in table:
             out += ["", "KV cache speed-up (sdpa): " + ", ".join(
-                f"{table['sdpa', True][b] / table['sdpa', False][b]:.1f}x at B={b}" for b in batches) + "."]
+                f"{table['sdpa', True][b]['tokens_per_s'] / table['sdpa', False][b]['tokens_per_s']:.1f}x at B={b}"
+                for b in batches) + "."]
         out += ["", "Greedy fp32 decoding, new tokens equal with and without the cache: " + ", ".join(
             f"{a} {c['equal']}/{c['of']}" for a, c in report["greedy_fp32_cache_equals_no_cache"].items()) + ".",
                 "", f"<sub>{provenance(report)}</sub>", ""]
