@@ -345,12 +345,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, stride_b, stride_h, stride_t
 _CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-@functools.lru_cache(maxsize=None)
+_TUNED = {}  # (kernel, configs) -> its autotuner, whose .cache holds the winners (scripts/bench_attention.py)
+
+
 def _tuned(kernel, configs):
     """The autotuned kernel over a config list. Tuned per dtype, head dim and power-of-two bucket of T: T_BUCKET
     is a kernel argument only to be this key (keyed on T itself, sampling with a growing sequence would re-tune at
     every length). It is a plain integer, not a constexpr, so the buckets share compiled kernels."""
-    return triton.autotune(list(configs), key=["T_BUCKET", "HEAD_DIM"], **_CACHE_RESULTS)(kernel)
+    if (kernel, configs) not in _TUNED:
+        _TUNED[kernel, configs] = triton.autotune(list(configs), key=["T_BUCKET", "HEAD_DIM"], **_CACHE_RESULTS)(kernel)
+    return _TUNED[kernel, configs]
 
 
 @functools.lru_cache(maxsize=None)

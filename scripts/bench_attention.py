@@ -172,8 +172,8 @@ def survey(module, seq_lens):
 def tuned_configs(module):
     """The autotuner's winners, per (key, dtypes), for the record."""
     out = {}
-    for kernel in ("_attn_fwd_tuned", "_attn_bwd_dq_tuned", "_attn_bwd_dkdv_tuned"):
-        out[kernel] = {str(k): str(c) for k, c in getattr(module, kernel).cache.items()}
+    for (kernel, _), tuned in module._TUNED.items():
+        out.setdefault(kernel.__name__, {}).update({str(k): str(c) for k, c in tuned.cache.items()})
     return out
 
 
