@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import triton
 
 from attention import triton as ta
+from conftest import attention_fp64, qkv_views
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -26,23 +27,19 @@ MAX_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def make_inputs(B, H, T, D, dtype, seed, device=DEVICE):
-    """A leaf (B, T, 3·H·D) tensor and q, k, v as the model's non-contiguous (B, H, T, D) views of it."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    qkv = torch.randn(B, T, 3 * H * D, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
-    do = torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)
+    """The model's strided q, k, v views of a leaf (B, T, 3·H·D) tensor, and an output gradient."""
+    qkv, (q, k, v) = qkv_views(B, H, T, D, dtype, seed, device)
+    do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
     return qkv, (q, k, v), do
 
 
 def reference(qkv, do, H):
-    """fp64 naive causal attention and its gradients w.r.t. q, k, v, from the same inputs."""
+    """fp64 causal attention and its gradients w.r.t. q, k, v, from the same (rounded) inputs."""
     B, T, _ = qkv.shape
     D = qkv.shape[-1] // (3 * H)
     x = qkv.detach().double().requires_grad_()
     q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in x.split(H * D, dim=2))
-    s = (q @ k.transpose(-2, -1)) * D**-0.5
-    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
-    o = s.softmax(-1) @ v
+    o = attention_fp64(q, k, v)
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), do.double())
     return o, dq, dk, dv
 
