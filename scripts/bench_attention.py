@@ -1,6 +1,6 @@
 """Benchmark the causal attention backends on the GPU: forward, backward and forward+backward.
 
-    python scripts/bench_attention.py                  # GPT-2 shape and a D=128 shape; writes results/attention_bench_<gpu>.json
+    python scripts/bench_attention.py                  # GPT-2 shape and a D=128 shape; writes out/attention_bench_<gpu>.json (--out_dir results: the repo's)
     python scripts/bench_attention.py --variant v2=path/to/other_triton.py   # extra rows for kernel experiments
     python scripts/bench_attention.py --configs        # every candidate config of every triton kernel, per D and T:
                                                        # results/attention_configs_<gpu>.json
@@ -208,7 +208,9 @@ def main():
     parser.add_argument("--configs", action="store_true", help="survey every candidate config of every triton kernel "
                         "(and of each variant) per head dim and T instead")
     parser.add_argument("--seq-lens", default="512,1024,2048,4096,8192,16384", help="T values of the --configs survey")
-    parser.add_argument("--out", default=None, help="JSON path (default results/attention_bench_<gpu>.json)")
+    parser.add_argument("--out_dir", default=os.path.join(ROOT, "out"), help="where the JSON goes (results/ for the "
+                        "repo's own figures)")
+    parser.add_argument("--out", default=None, help="JSON path (default <out_dir>/attention_bench_<gpu>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
@@ -223,7 +225,8 @@ def main():
                   f"{SURVEY_TOKENS}, H·D = {SURVEY_WIDTH}", "candidates": CANDIDATES,
                   "results": {name: survey(module, seq_lens)
                               for name, module in {"triton": triton_attention, **variants}.items()}}
-        out = args.out or os.path.join(ROOT, "results", f"attention_configs_{gpu_slug(gpu)}.json")
+        out = args.out or os.path.join(args.out_dir, f"attention_configs_{gpu_slug(gpu)}.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             json.dump(record, f, indent=1)
         print(f"wrote {out}")
@@ -249,7 +252,7 @@ def main():
               "timing": "triton.testing.do_bench median, L2 flushed; bf16; strided q/k/v views",
               "results": results, "triton_autotuned": tuned_configs(triton_attention),
               "variants": {n: p for n, p in (v.split("=", 1) for v in args.variant)}}
-    out = args.out or os.path.join(ROOT, "results", f"attention_bench_{gpu_slug(gpu)}.json")
+    out = args.out or os.path.join(args.out_dir, f"attention_bench_{gpu_slug(gpu)}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=1)

@@ -1,6 +1,6 @@
 """Sequence-length sweep: how time and memory of attention grow with T, per backend and head dim.
 
-    python scripts/sweep_seq_len.py            # writes results/attention_sweep_<gpu>.json and .png
+    python scripts/sweep_seq_len.py            # writes out/attention_sweep_<gpu>.json and .png (--out_dir results: the repo's)
     python scripts/sweep_seq_len.py --replot   # redraws the .png from the .json, measuring nothing
 
 T from 512 to 16384 with B·T fixed at 16384 tokens and H·D at 768 (D=64 with H=12, D=128 with H=6; bf16, causal),
@@ -11,6 +11,7 @@ flat. Times (do_bench and GPU time), peak memory and the first call's time (auto
 bench_attention.measure, as in the kernel benchmark; `ratios` holds triton's speed relative to SDPA's default
 (cuDNN on the H100) per head dim and T.
 """
+import argparse
 import glob
 import json
 import os
@@ -70,7 +71,11 @@ def title(record):
 
 
 def main():
-    if "--replot" in sys.argv[1:]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out_dir", default=os.path.join(ROOT, "out"), help="results/ for the repo's own figures")
+    p.add_argument("--replot", action="store_true", help="redraw the plots of results/attention_sweep_*.json")
+    args = p.parse_args()
+    if args.replot:
         for path in glob.glob(os.path.join(ROOT, "results", "attention_sweep_*.json")):
             with open(path) as f:
                 record = json.load(f)
@@ -109,7 +114,8 @@ def main():
               "ratios_note": "sdpa default's time / triton's time (> 1: triton faster); gpu = summed kernel "
                              "durations (torch profiler), do_bench = median wall time between CUDA events",
               "ratios": ratios, "results": results}
-    base = os.path.join(ROOT, "results", f"attention_sweep_{gpu_slug(env['gpu'])}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    base = os.path.join(args.out_dir, f"attention_sweep_{gpu_slug(env['gpu'])}")
     with open(f"{base}.json", "w") as f:
         json.dump(record, f, indent=1)
     plot(results, title(record), f"{base}.png")
