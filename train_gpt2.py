@@ -316,7 +316,8 @@ def evaluate(cfg, model, raw_model, val_loader, device, step_autocast, autocast,
         prompt = torch.tensor(encoding.encode(cfg.sample_prompt), device=device).repeat(cfg.sample_count, 1)
         generator = torch.Generator(device).manual_seed(cfg.seed)  # its own RNG: sampling leaves training's alone
         with autocast:
-            out = raw_model.generate(prompt, cfg.sample_tokens, top_k=50, generator=generator)
+            out = raw_model.generate(prompt, cfg.sample_tokens, top_k=50, generator=generator,
+                                     vocab_size=encoding.n_vocab)  # never an id of the padded vocabulary
         results["samples"] = [encoding.decode(row.tolist()) for row in out]
     raw_model.train()
     return None if stop.signalled else results

@@ -164,3 +164,18 @@ def test_sigint_during_evaluation_stops_the_run(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "out")] == [0]  # the step in progress, then the stop
     assert os.listdir(tmp_path / "out" / "checkpoints") == ["step_000001"]
     assert (tmp_path / "out" / "evals.jsonl").read_text() == ""  # the cut evaluation left no figures
+
+
+def test_out_dir_that_cannot_be_created(data_dir, tmp_path):
+    (tmp_path / "f").write_text("keep me")
+    line = one_error_line(train(f"--data_dir={data_dir}", "--batch_size=2", f"--out_dir={tmp_path / 'f' / 'run'}"))
+    assert "cannot be created or written" in line and "choose another --out_dir" in line
+
+
+def test_triton_backend_without_the_triton_package(data_dir, tmp_path):
+    fake = tmp_path / "site" / "triton"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named triton')\n")  # as on macOS
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    line = one_error_line(train(f"--data_dir={data_dir}", "--attention=triton", f"--out_dir={tmp_path / 'out'}", env=env))
+    assert "--attention triton needs the triton package" in line and "--attention sdpa" in line
