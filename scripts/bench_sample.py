@@ -1,6 +1,6 @@
 """Generation speed with and without the KV cache: tokens/s of GPT.generate on a GPU.
 
-    python scripts/bench_sample.py        # writes results/sample_speed_<gpu>.json; update_readme.py makes the table
+    python scripts/bench_sample.py --out_dir results   # writes results/sample_speed_<gpu>.json; update_readme.py makes the table
 
 GPT-2 (124M) with random weights: nothing to download, and the work of a step does not depend on the weights (top-k
 50 sampling draws a token either way). A 16-token prompt, 512 new tokens, 1, 8 and 64 sequences at a time, through
@@ -49,7 +49,7 @@ def greedy_check(model, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", help="default: results/sample_speed_<gpu>.json")
+    p.add_argument("--out_dir", default=os.path.join(ROOT, "out"), help="results/ for the repo's own figures")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU")
@@ -70,7 +70,8 @@ def main(argv=None):
         print(f"greedy fp32, {attention}: {check['equal']} of {check['of']} new tokens equal with and without the cache")
     report = dict(**env, model="GPT-2 124M, random weights", prompt_tokens=PROMPT, new_tokens=NEW_TOKENS, top_k=50,
                   repeats=REPEATS, rows=rows, greedy_fp32_cache_equals_no_cache=checks)
-    out = args.out or os.path.join(ROOT, "results", f"sample_speed_{gpu_slug(env['gpu'])}.json")
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = os.path.join(args.out_dir, f"sample_speed_{gpu_slug(env['gpu'])}.json")
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {out}")
