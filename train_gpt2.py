@@ -294,20 +294,9 @@ def make_optimizer(model, cfg, device):
 @torch.no_grad()
 def evaluate(cfg, model, raw_model, val_loader, device, step_autocast, autocast, rank, world, encoding, stop):
     raw_model.eval()
-    results = {}
     val_loader.reset()  # the same validation tokens every time
-    total = torch.zeros((), device=device)
-    for i in range(cfg.eval_batches):
-        if stop.signalled:
-            break
-        x, y = val_loader.next_batch(device)
-        with step_autocast:
-            total += model(x, y)[1].float()
-        if show_progress(rank, cfg.eval_batches):
-            print(f"  eval batch {i + 1}/{cfg.eval_batches}", end="\r", flush=True)
-    if world > 1:
-        dist.all_reduce(total)  # every rank calls it once, stopped early or not
-    results["val_loss"] = total.item() / (cfg.eval_batches * world)
+    results = {"val_loss": val_loss(model, val_loader, cfg.eval_batches, device, step_autocast, rank, world,
+                                    stop=lambda: stop.signalled)}
     if cfg.hellaswag and not stop.signalled:
         from data import hellaswag
         results["hellaswag_acc_norm"] = hellaswag.evaluate(raw_model, cfg.hellaswag_path, device, rank, world, autocast,
@@ -323,9 +312,22 @@ def evaluate(cfg, model, raw_model, val_loader, device, step_autocast, autocast,
     return None if stop.signalled else results
 
 
-def show_progress(rank, n):
-    """Progress lines for a loop of n items: on rank 0, on a terminal, for long loops."""
-    return rank == 0 and n >= 20 and sys.stdout.isatty()
+@torch.no_grad()
+def val_loss(model, loader, batches, device, autocast, rank, world, stop=lambda: False):
+    """Mean loss over `batches` batches of each process's rows, averaged over the processes (scripts/evaluate.py
+    uses it too). stop() cuts it short; every rank still calls the all-reduce once."""
+    total = torch.zeros((), device=device)
+    for i in range(batches):
+        if stop():
+            break
+        x, y = loader.next_batch(device)
+        with autocast:
+            total += model(x, y)[1].float()
+        if rank == 0 and ((i + 1) % 10 == 0 or i + 1 == batches) and batches >= 20 and sys.stdout.isatty():
+            print(f"  val loss: batch {i + 1}/{batches}", end="\r", flush=True)  # progress, on a terminal only
+    if world > 1:
+        dist.all_reduce(total)
+    return total.item() / (batches * world)
 
 
 def sample_encoding(cfg):

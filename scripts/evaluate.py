@@ -19,7 +19,6 @@ import os
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,25 +28,9 @@ from data import hellaswag  # noqa: E402
 from data.loader import ShardLoader  # noqa: E402
 from data.tokenizer import gpt2_encoding  # noqa: E402
 from sample import add_model_args, load  # noqa: E402
-from train_gpt2 import autocast_context  # noqa: E402
+from train_gpt2 import autocast_context, val_loss  # noqa: E402
 from training.checkpoints import CheckpointError, resolve_checkpoint  # noqa: E402
 from training.metrics import environment  # noqa: E402
-
-
-def val_loss(model, loader, batches, device, autocast, rank, world):
-    """Mean loss of `batches` batches, shared out over the processes (each reads its rows of every global batch)."""
-    total = torch.zeros((), device=device)
-    per_rank = batches // world
-    with torch.no_grad(), autocast:
-        for i in range(per_rank):
-            x, y = loader.next_batch()
-            total += model(x.to(device), y.to(device))[1].float()
-            if rank == 0 and ((i + 1) % 10 == 0 or i + 1 == per_rank):
-                print(f"val loss: batch {(i + 1) * world}/{batches}, running mean {total.item() / (i + 1):.4f}",
-                      flush=True)
-    if world > 1:
-        dist.all_reduce(total)
-    return total.item() / batches
 
 
 def main(argv=None):
@@ -108,7 +91,8 @@ def main(argv=None):
         autocast = autocast_context(device)
         results = dict(model=name, checkpoint=step_dir, processes=world, **environment(device))
         if "val" in args.tasks:
-            results.update(val_loss=val_loss(model, loader, args.val_batches, device, autocast, rank, world),
+            # each process reads its rows of val_batches / world global batches
+            results.update(val_loss=val_loss(model, loader, args.val_batches // world, device, autocast, rank, world),
                            val_data_dir=data_dir, val_tokens=args.val_batches * args.batch_size * seq_len)
             if rank == 0:
                 print(f"val loss {results['val_loss']:.4f} over {results['val_tokens']:,} tokens of {data_dir}")

@@ -18,6 +18,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from training.config import ConfigError, load_config  # noqa: E402
 from training.metrics import gpu_slug  # noqa: E402
 
 # First match wins. Inductor names its kernels after the ops it fused (triton_red_fused__log_softmax_..., ...).
@@ -78,10 +79,10 @@ def main():
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as run_dir:
-        warmup = 10
-        for key, value in zip(args.overrides, args.overrides[1:] + [""]):  # the run's own timing_warmup, if given
-            if key.startswith("--timing_warmup"):
-                warmup = int(key.split("=", 1)[1] if "=" in key else value)
+        try:
+            warmup = load_config(["--config", args.config, *args.overrides]).timing_warmup  # the run's own
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
         cmd = [sys.executable, os.path.join(ROOT, "train_gpt2.py"), "--config", args.config,
                f"--max_steps={warmup + args.steps + 1}", f"--profile_steps={args.steps}", f"--out_dir={run_dir}",
                "--checkpoint_interval=0", "--eval_interval=0", *args.overrides]

@@ -12,7 +12,7 @@ import torch
 
 from conftest import MODEL, read_metrics, train
 from data.shards import write_shard
-from model import GPT, GPTConfig
+from model import GPT, HF_TRANSPOSED, GPTConfig
 from train_gpt2 import autocast_context, learning_rate
 from training.config import ConfigError, TrainConfig, grad_accum_steps
 from training.metrics import peak_flops
@@ -176,8 +176,8 @@ def reference_acc_norm(model_flags, examples):
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=model_flags["vocab_size"], n_positions=model_flags["block_size"],
                                     n_embd=model_flags["n_embd"], n_layer=model_flags["n_layer"],
                                     n_head=model_flags["n_head"], activation_function="gelu_new")).eval()
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    missing, unexpected = hf.load_state_dict({k: v.t() if k.endswith(conv1d) else v for k, v in ours.items()}, strict=False)
+    missing, unexpected = hf.load_state_dict({k: v.t() if k.endswith(HF_TRANSPOSED) else v for k, v in ours.items()},
+                                             strict=False)
     assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing)
     enc = gpt2_encoding()
     correct = 0

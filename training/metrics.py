@@ -84,12 +84,13 @@ def open_log(path, start_step):
     kept, dropped = [], 0
     for line in _read(path).splitlines():
         try:
-            step = json.loads(line)["step"]
+            row = json.loads(line)
+            step = row["step"]
         except (ValueError, TypeError, KeyError):
             print(f"warning: {path}: dropping a line that is not a log row: {line[:60]!r}")
             continue
         if step < start_step:
-            kept.append(json.loads(line))
+            kept.append(row)
         else:
             dropped += 1
     if dropped:
