@@ -11,6 +11,11 @@ import torch.nn.functional as F
 
 from attention import get_attention
 
+try:  # the one-pass cross-entropy kernel of the fused loss on GPUs; without Triton (macOS) the torch path runs
+    import cross_entropy
+except ImportError:
+    cross_entropy = None
+
 
 @dataclass
 class GPTConfig:
@@ -118,25 +123,45 @@ class Block(nn.Module):
 # The LM head and the cross-entropy fused, chunk by chunk (GPTConfig.loss_chunk): the logits of the whole batch,
 # (B*T, V) and their fp32 copies and gradient, never exist; only one chunk's do.
 
+def loss_and_grad(logits, targets, scale=None):
+    """Each row's cross-entropy (fp32) and, given a scale, the gradient (softmax - onehot) * scale in the logits'
+    dtype: in torch, the path that cross_entropy.loss_and_grad takes in one pass on GPUs."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=1)
+    loss = lse - x.gather(1, targets[:, None]).squeeze(1)
+    if scale is None:
+        return loss, None
+    onehot = torch.arange(x.size(1), device=x.device) == targets[:, None]
+    return loss, ((torch.exp(x - lse[:, None]) - onehot.float()) * scale).to(logits.dtype)
+
+
+def one_pass_kernel(h, vocab):
+    """Whether the chunks' loss and gradient come from the one-pass kernel (cross_entropy.py): on GPUs, with Triton."""
+    return h.is_cuda and cross_entropy is not None and vocab <= cross_entropy.MAX_VOCAB
+
+
 def _loss_and_grads(h, weight, targets, chunk, with_grad):
     """The mean cross-entropy of the logits h @ weightᵀ and, with_grad, its gradients for h and weight, `chunk` rows
     at a time. A chunk's logits come out of the matmul in its dtype (bf16 under autocast); logsumexp and loss are in
     fp32. Their gradient, (softmax - onehot) / N, is turned at once into the chunk's rows of grad_h and added to
-    grad_weight (fp32), so it is never stored for more than one chunk."""
+    grad_weight (fp32), so it is never stored for more than one chunk. On a GPU with Triton the loss and gradient
+    of a chunk come from one pass over its logits (cross_entropy.py)."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     w = weight.to(dtype)  # cast once, not once per matmul as autocast would
     n, vocab = targets.numel(), weight.size(0)
+    one_pass = with_grad and one_pass_kernel(h, vocab)
     loss, grad_h = h.new_zeros((), dtype=torch.float32), []
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
     for start in range(0, n, chunk):
         h_c, t_c = h[start:start + chunk].to(dtype), targets[start:start + chunk]
-        logits = (h_c @ w.t()).float()
-        lse = torch.logsumexp(logits, dim=1)
-        loss = loss + (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+        logits = h_c @ w.t()
+        if one_pass:
+            row_loss, grad_logits = cross_entropy.loss_and_grad(logits, t_c, 1.0 / n)
+        else:
+            row_loss, grad_logits = loss_and_grad(logits, t_c, 1.0 / n if with_grad else None)
+        loss = loss + row_loss.sum()
         if with_grad:
-            onehot = torch.arange(vocab, device=h.device) == t_c[:, None]
-            grad_logits = ((torch.exp(logits - lse[:, None]) - onehot.float()) / n).to(dtype)
             grad_h.append((grad_logits @ w).to(h.dtype))
             grad_w += (grad_logits.t() @ h_c).float()
     return loss / n, (torch.cat(grad_h) if with_grad else None), grad_w
@@ -233,7 +258,8 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            # In fp32 also for a bf16 model (bf16_params): a bf16 loss is rounded to 3 significant digits.
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 
     @torch.no_grad()
