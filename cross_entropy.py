@@ -1,56 +1,76 @@
-"""Softmax cross-entropy and its gradient in one pass over the logits: the elementwise half of the fused LM head.
+"""Softmax cross-entropy and its gradient, the elementwise half of the fused LM head, reading each row from DRAM once.
 
 model.fused_lm_head_loss makes the logits one chunk of rows at a time (bf16 on the GPU) and needs, for each row x
 with target t, the loss and the gradient of the loss's mean over all N rows:
 
     loss = logsumexp(x) - x[t]          grad = (softmax(x) - onehot(t)) / N
 
-Written in torch, Inductor turns this into two passes over the chunk: an online-softmax reduction that reads the
-logits, then the gradient, which reads them again and writes the result (a row of 50,304 values is too long for
-its single-pass "persistent" reductions). Here one program owns one whole row: BLOCK_V, the next power of two of
-V, values held in registers (at V = 50,304 and 16 warps, 128 fp32 values a thread), so it reads each logit once
-and writes its gradient once: 4 bytes of traffic per bf16 logit instead of 6. At GPT-2's batch of 2^19 tokens
-that is 53 GB less memory traffic per optimizer step.
+A row (50,304 logits, 100 KB in bf16) is too long for registers, so a program makes two passes over it in tiles of
+BLOCK_V: the first keeps a running max m_i and sum l_i of exp(x - m_i) per lane (online softmax), the second writes
+exp(x - lse) - onehot. The DRAM traffic of a row is one read and one write only if the second pass finds the row
+still in L2, so the kernel is persistent: PROGRAMS_PER_SM programs per SM loop over the rows, which keeps the rows
+in flight (132 SMs x 2 x 100 KB on an H100) well inside the 50 MB L2. Inductor's kernel for the same torch code has
+a program per row and every row of the chunk in flight, so its second pass reads DRAM again.
 
 The op is an opaque torch.library.custom_op, so torch.compile calls it as it is (fullgraph, no breaks). Under
 TRITON_INTERPRET=1 (CPU tests) only fp32 logits are exact: the interpreter computes bf16 on raw bit patterns.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-MAX_VOCAB = 65536  # beyond this a row no longer fits in registers; model.py keeps the torch path there
+BLOCK_V, NUM_WARPS, PROGRAMS_PER_SM = 8192, 16, 2
+NEG = tl.constexpr(-3.0e38)  # a finite "minus infinity" for padded lanes: their running max and sum never meet inf - inf
 
 
 @triton.jit
-def _cross_entropy_kernel(logits_ptr, targets_ptr, grad_ptr, loss_ptr, stride_row, V, scale,
+def _cross_entropy_kernel(logits_ptr, targets_ptr, grad_ptr, loss_ptr, N, V, stride_row, scale,
                           BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # row * stride passes 2^31 for chunks of more than 42,000 rows
-    cols = tl.arange(0, BLOCK_V)
-    in_vocab = cols < V
-    x = tl.load(logits_ptr + row * stride_row + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
-    target = tl.load(targets_ptr + row)
-    m = tl.max(x, axis=0)
-    p = tl.exp(x - m)  # padded columns: exp(-inf) = 0
-    l = tl.sum(p, axis=0)
-    x_t = tl.sum(tl.where(cols == target, x, 0.0), axis=0)
-    tl.store(loss_ptr + row, m + tl.log(l) - x_t)
-    grad = (p / l - (cols == target).to(tl.float32)) * tl.cast(scale, tl.float32)
-    tl.store(grad_ptr + row * stride_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    for row in tl.range(tl.program_id(0), N, tl.num_programs(0)):
+        base = tl.cast(row, tl.int64) * stride_row  # passes 2^31 for chunks of more than 42,000 rows
+        m_i = tl.full([BLOCK_V], NEG, tl.float32)
+        l_i = tl.zeros([BLOCK_V], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(logits_ptr + base + cols, mask=cols < V, other=NEG).to(tl.float32)
+            m_new = tl.maximum(m_i, x)
+            l_i = l_i * tl.exp(m_i - m_new) + tl.exp(x - m_new)
+            m_i = m_new
+        m = tl.max(m_i, axis=0)
+        lse = m + tl.log(tl.sum(l_i * tl.exp(m_i - m), axis=0))
+        target = tl.load(targets_ptr + row)
+        tl.store(loss_ptr + row, lse - tl.load(logits_ptr + base + target).to(tl.float32))
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(logits_ptr + base + cols, mask=cols < V, other=NEG).to(tl.float32)
+            grad = (tl.exp(x - lse) - (cols == target).to(tl.float32)) * scale
+            tl.store(grad_ptr + base + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+@functools.cache
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def launch(logits, targets, scale, block=BLOCK_V, num_warps=NUM_WARPS, programs_per_sm=PROGRAMS_PER_SM):
+    """The kernel on logits (N, V) with contiguous rows; the launch settings are arguments for the benchmark."""
+    n, vocab = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    grad = torch.empty_like(logits)
+    programs = min(n, _sm_count(logits.device) * programs_per_sm) if programs_per_sm else n
+    _cross_entropy_kernel[(programs,)](logits, targets, grad, loss, n, vocab, logits.stride(0), scale,
+                                       BLOCK_V=min(block, triton.next_power_of_2(vocab)), num_warps=num_warps)
+    return loss, grad
 
 
 @torch.library.custom_op("gpt2::cross_entropy_loss_and_grad", mutates_args=())
 def loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """For logits (N, V) with contiguous rows and targets (N,): each row's loss (fp32, (N,)) and the gradient
-    (softmax - onehot) * scale in the logits' dtype."""
-    logits = logits.contiguous()  # a no-op for the matmul's output
-    n, vocab = logits.shape
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    grad = torch.empty_like(logits)
-    block = triton.next_power_of_2(vocab)
-    _cross_entropy_kernel[(n,)](logits, targets, grad, loss, logits.stride(0), vocab, scale,
-                                BLOCK_V=block, num_warps=16 if block >= 32768 else 4)
-    return loss, grad
+    """For logits (N, V) and targets (N,): each row's loss (fp32, (N,)) and the gradient (softmax - onehot) * scale
+    in the logits' dtype."""
+    return launch(logits.contiguous(), targets, scale)  # contiguous(): a no-op for the matmul's output
 
 
 @loss_and_grad.register_fake

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from attention import get_attention
 
-try:  # the one-pass cross-entropy kernel of the fused loss on GPUs; without Triton (macOS) the torch path runs
+try:  # the fused loss's cross-entropy kernel on GPUs; without Triton (macOS) the torch path runs
     import cross_entropy
 except ImportError:
     cross_entropy = None
@@ -125,7 +125,7 @@ class Block(nn.Module):
 
 def loss_and_grad(logits, targets, scale=None):
     """Each row's cross-entropy (fp32) and, given a scale, the gradient (softmax - onehot) * scale in the logits'
-    dtype: in torch, the path that cross_entropy.loss_and_grad takes in one pass on GPUs."""
+    dtype: in torch, what cross_entropy.loss_and_grad computes on GPUs."""
     x = logits.float()
     lse = torch.logsumexp(x, dim=1)
     loss = lse - x.gather(1, targets[:, None]).squeeze(1)
@@ -135,9 +135,9 @@ def loss_and_grad(logits, targets, scale=None):
     return loss, ((torch.exp(x - lse[:, None]) - onehot.float()) * scale).to(logits.dtype)
 
 
-def one_pass_kernel(h, vocab):
-    """Whether the chunks' loss and gradient come from the one-pass kernel (cross_entropy.py): on GPUs, with Triton."""
-    return h.is_cuda and cross_entropy is not None and vocab <= cross_entropy.MAX_VOCAB
+def use_kernel(h):
+    """Whether the chunks' loss and gradient come from cross_entropy.py's kernel: on GPUs, with Triton."""
+    return h.is_cuda and cross_entropy is not None
 
 
 def _loss_and_grads(h, weight, targets, chunk, with_grad):
@@ -145,18 +145,18 @@ def _loss_and_grads(h, weight, targets, chunk, with_grad):
     at a time. A chunk's logits come out of the matmul in its dtype (bf16 under autocast); logsumexp and loss are in
     fp32. Their gradient, (softmax - onehot) / N, is turned at once into the chunk's rows of grad_h and added to
     grad_weight (fp32), so it is never stored for more than one chunk. On a GPU with Triton the loss and gradient
-    of a chunk come from one pass over its logits (cross_entropy.py)."""
+    of a chunk come from a kernel that reads its logits from memory once (cross_entropy.py)."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     w = weight.to(dtype)  # cast once, not once per matmul as autocast would
-    n, vocab = targets.numel(), weight.size(0)
-    one_pass = with_grad and one_pass_kernel(h, vocab)
+    n = targets.numel()
+    kernel = with_grad and use_kernel(h)
     loss, grad_h = h.new_zeros((), dtype=torch.float32), []
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
     for start in range(0, n, chunk):
         h_c, t_c = h[start:start + chunk].to(dtype), targets[start:start + chunk]
         logits = h_c @ w.t()
-        if one_pass:
+        if kernel:
             row_loss, grad_logits = cross_entropy.loss_and_grad(logits, t_c, 1.0 / n)
         else:
             row_loss, grad_logits = loss_and_grad(logits, t_c, 1.0 / n if with_grad else None)

@@ -43,11 +43,11 @@ def test_without_grad_only_the_forward_matmuls_run():
     assert loss.grad_fn is None
 
 
-def grads_of_gpt(loss_chunk, compile=False, autocast=False):
+def grads_of_gpt(loss_chunk, compile=False, autocast=False, device="cpu"):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY, loss_chunk=loss_chunk))
+    model = GPT(GPTConfig(**TINY, loss_chunk=loss_chunk)).to(device)
     forward = torch.compile(model, fullgraph=True) if compile else model
-    idx = torch.randint(0, 101, (3, 21), generator=torch.Generator().manual_seed(1))  # 60 rows: 16 does not divide
+    idx = torch.randint(0, 101, (3, 21), generator=torch.Generator().manual_seed(1)).to(device)  # 60 rows: 16 does not divide
     with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         logits, loss = forward(idx[:, :-1], idx[:, 1:])
     loss.backward()
@@ -102,19 +102,20 @@ def test_negative_loss_chunk_is_refused():
         GPT(GPTConfig(**TINY, loss_chunk=-1))
 
 
-# The one-pass cross-entropy kernel (cross_entropy.py) that the fused loss uses on GPUs. On the CPU it runs in Triton's
+# The cross-entropy kernel (cross_entropy.py) that the fused loss uses on GPUs. On the CPU it runs in Triton's
 # interpreter, in fp32 only (the interpreter computes bf16 on raw bits); bf16 is checked on the GPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("vocab", [1, 101, 128, 4099])  # one column, no power of two, exactly a block, a large block
-def test_one_pass_kernel_equals_cross_entropy_in_fp64(vocab):
+@pytest.mark.parametrize("vocab, block", [(1, 64), (101, 64), (128, 64), (4099, 1024), (4099, 8192)])
+def test_kernel_equals_cross_entropy_in_fp64(vocab, block):
+    """One column, tiles that do not divide the vocab, that do, many tiles, one tile wider than the row."""
     import cross_entropy
     g = torch.Generator().manual_seed(vocab)
     logits = 4 * torch.randn(7, vocab, generator=g)
     targets = torch.randint(0, vocab, (7,), generator=g)
     targets[:2] = torch.tensor([0, vocab - 1])  # the first and last column
-    loss, grad = cross_entropy.loss_and_grad(logits.to(DEVICE), targets.to(DEVICE), 0.25)
+    loss, grad = cross_entropy.launch(logits.to(DEVICE), targets.to(DEVICE), 0.25, block=block)
     x = logits.double().requires_grad_()
     expected = F.cross_entropy(x, targets, reduction="none")
     (expected.sum() * 0.25).backward()
@@ -122,44 +123,56 @@ def test_one_pass_kernel_equals_cross_entropy_in_fp64(vocab):
     torch.testing.assert_close(grad.cpu().double(), x.grad, atol=1e-7, rtol=1e-5)
 
 
+def test_persistent_programs_give_the_results_of_a_program_per_row():
+    """300 rows: more than the programs of the persistent launch (2 per SM; a CPU counts as one SM), so each loops."""
+    import cross_entropy
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 300, generator=g).to(DEVICE)
+    targets = torch.randint(0, 300, (300,), generator=g).to(DEVICE)
+    one_each = cross_entropy.launch(logits, targets, 1.0, block=128, programs_per_sm=0)
+    shared = cross_entropy.launch(logits, targets, 1.0, block=128, programs_per_sm=2)
+    for a, b in zip(one_each, shared):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.fixture
-def one_pass(monkeypatch):
-    """The fused loss with the kernel on whatever device the test runs (interpreter on the CPU)."""
+def kernel(monkeypatch):
+    """The fused loss with the kernel, whatever the device (the interpreter on a CPU)."""
     import model
-    monkeypatch.setattr(model, "one_pass_kernel", lambda h, vocab: True)
+    monkeypatch.setattr(model, "use_kernel", lambda h: True)
 
 
-def test_fused_loss_with_the_kernel_equals_cross_entropy_on_full_logits(one_pass):
+def test_fused_loss_with_the_kernel_equals_cross_entropy_on_full_logits(kernel):
     g = torch.Generator().manual_seed(0)
     h, weight = torch.randn(37, 16, generator=g), torch.randn(101, 16, generator=g)
     targets = torch.randint(0, 101, (37,), generator=g)
-    got, expected = fused(h, weight, targets, 16), reference(h, weight, targets)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-6)
+    got = fused(h.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE), 16)
+    for a, b in zip(got, reference(h, weight, targets)):
+        torch.testing.assert_close(a.cpu().double(), b, atol=1e-6, rtol=1e-6)
 
 
 def test_compiled_gpt_with_the_kernel_gives_the_eager_torch_path_losses_and_gradients(monkeypatch):
-    _, eager_loss, eager_grads = grads_of_gpt(loss_chunk=16)
     import model
-    monkeypatch.setattr(model, "one_pass_kernel", lambda h, vocab: True)
-    _, loss, grads = grads_of_gpt(loss_chunk=16, compile=True)  # the custom op traced with fullgraph=True
+    monkeypatch.setattr(model, "use_kernel", lambda h: False)
+    _, eager_loss, eager_grads = grads_of_gpt(loss_chunk=16, device=DEVICE)
+    monkeypatch.setattr(model, "use_kernel", lambda h: True)
+    _, loss, grads = grads_of_gpt(loss_chunk=16, compile=True, device=DEVICE)  # the custom op under fullgraph=True
     torch.testing.assert_close(loss, eager_loss, atol=1e-6, rtol=1e-6)
     for name in grads:
         torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 logits: needs a CUDA GPU (the interpreter is fp32 only)")
-def test_one_pass_kernel_in_bf16_matches_the_torch_path():
-    """The trainer's case: bf16 logits of GPT-2's vocab. Both paths compute in fp32 from the same bf16 logits and
-    round the gradient to bf16, so they agree to one bf16 rounding."""
+def test_kernel_in_bf16_equals_cross_entropy_in_fp64():
+    """The trainer's case: bf16 logits of GPT-2's padded vocab, rounded once: the loss in fp32, the gradient to one
+    bf16 rounding."""
     import cross_entropy
     g = torch.Generator().manual_seed(0)
-    logits = (4 * torch.randn(64, 50304, generator=g)).to("cuda", torch.bfloat16)
-    targets = torch.randint(0, 50304, (64,), generator=g).cuda()
-    loss, grad = cross_entropy.loss_and_grad(logits, targets, 1 / 64)
+    logits = (4 * torch.randn(300, 50304, generator=g)).to("cuda", torch.bfloat16)
+    targets = torch.randint(0, 50304, (300,), generator=g).cuda()
+    loss, grad = cross_entropy.loss_and_grad(logits, targets, 1 / 300)
     x = logits.double()
     expected = F.cross_entropy(x, targets, reduction="none")
-    onehot = F.one_hot(targets, 50304).double()
-    expected_grad = (torch.softmax(x, 1) - onehot) / 64
+    expected_grad = (torch.softmax(x, 1) - F.one_hot(targets, 50304).double()) / 300
     torch.testing.assert_close(loss.double(), expected, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(grad.double(), expected_grad, atol=1e-9, rtol=2 ** -8)
+    torch.testing.assert_close(grad.double(), expected_grad, atol=1e-12, rtol=2 ** -8)
