@@ -161,17 +161,14 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             x, y = loader.next_batch(device)  # pinned memory, copied without blocking the host
-            # DDP all-reduces gradients during backward; only the last micro-step's backward needs to. With
-            # bf16_params none does: BF16Params all-reduces the micro-steps' fp32 sum once.
-            with model.no_sync() if ddp and (bf16 or micro < accum - 1) else nullcontext():
+            # DDP all-reduces gradients during backward; only the last micro-step's backward needs to.
+            with model.no_sync() if ddp and micro < accum - 1 else nullcontext():
                 with step_autocast:
                     _, loss = model(x, y)
                 (loss / accum).backward()
-            if bf16:
-                bf16.add_grads(first=micro == 0)
             loss_sum += loss.detach()
         if bf16:
-            bf16.grads_to_master(world)
+            bf16.grads_to_master()
         grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)
         if cfg.grad_clip:
