@@ -151,8 +151,7 @@ def _loss_and_grads(h, weight, targets, chunk, with_grad):
     w = weight.to(dtype)  # cast once, not once per matmul as autocast would
     n = targets.numel()
     kernel = with_grad and use_kernel(h)
-    loss, grad_h = h.new_zeros((), dtype=torch.float32), []
-    grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
+    loss, grad_h, grad_w = h.new_zeros((), dtype=torch.float32), [], None
     for start in range(0, n, chunk):
         h_c, t_c = h[start:start + chunk].to(dtype), targets[start:start + chunk]
         logits = h_c @ w.t()
@@ -163,7 +162,8 @@ def _loss_and_grads(h, weight, targets, chunk, with_grad):
         loss = loss + row_loss.sum()
         if with_grad:
             grad_h.append((grad_logits @ w).to(h.dtype))
-            grad_w += (grad_logits.t() @ h_c).float()
+            chunk_grad_w = grad_logits.t() @ h_c
+            grad_w = chunk_grad_w.float() if grad_w is None else grad_w + chunk_grad_w  # summed in fp32
     return loss / n, (torch.cat(grad_h) if with_grad else None), grad_w
 
 

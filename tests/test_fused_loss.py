@@ -123,18 +123,6 @@ def test_kernel_equals_cross_entropy_in_fp64(vocab, block):
     torch.testing.assert_close(grad.cpu().double(), x.grad, atol=1e-7, rtol=1e-5)
 
 
-def test_persistent_programs_give_the_results_of_a_program_per_row():
-    """300 rows: more than the programs of the persistent launch (2 per SM; a CPU counts as one SM), so each loops."""
-    import cross_entropy
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(300, 300, generator=g).to(DEVICE)
-    targets = torch.randint(0, 300, (300,), generator=g).to(DEVICE)
-    one_each = cross_entropy.launch(logits, targets, 1.0, block=128, programs_per_sm=0)
-    shared = cross_entropy.launch(logits, targets, 1.0, block=128, programs_per_sm=2)
-    for a, b in zip(one_each, shared):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-
-
 @pytest.fixture
 def kernel(monkeypatch):
     """The fused loss with the kernel, whatever the device (the interpreter on a CPU)."""
