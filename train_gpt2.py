@@ -24,7 +24,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch._inductor.config
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -108,7 +107,6 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
     bf16 = BF16Params(raw_model) if cfg.bf16_params else None
     model, step_autocast = (bf16.model, nullcontext()) if bf16 else (raw_model, autocast)
     if cfg.compile:
-        torch._inductor.config.coordinate_descent_tuning = cfg.coordinate_descent
         model = torch.compile(model, fullgraph=True, mode=cfg.compile_mode)
     compiled = model  # evaluation calls this one: DDP's wrapper is for training steps
     if ddp:

@@ -5,8 +5,9 @@
 
 The run goes through train_gpt2.py with `--profile_steps N` (N steps traced after the timing warm-up, Chrome
 trace format). Each GPU kernel is put in one category by its name; the categories' totals per step, the GPU's
-busy time (the union of kernel intervals) and its idle time within the traced steps are written to
-<out_dir>/profile_<config>[_<tag>]_<gpu>.json, with the run's summary (command, GPU, versions, date).
+busy time (the union of kernel intervals), its idle time within the traced steps and the largest idle gaps (with
+the kernels on either side) are written to <out_dir>/profile_<config>[_<tag>]_<gpu>.json, with the run's summary
+(command, GPU, versions, date).
 """
 import argparse
 import json
@@ -54,9 +55,12 @@ def analyse(trace_path, steps):
         totals[cat] = totals.get(cat, 0.0) + k["dur"]
         names.setdefault(cat, {}).setdefault(k["name"][:80], 0.0)
         names[cat][k["name"][:80]] += k["dur"]
-    spans = sorted((k["ts"], k["ts"] + k["dur"]) for k in kernels)
-    busy, end = 0.0, spans[0][0]
-    for start, stop in spans:  # the union of the intervals: overlapping kernels (streams) count once
+    kernels.sort(key=lambda k: k["ts"])
+    spans = [(k["ts"], k["ts"] + k["dur"]) for k in kernels]
+    busy, end, gaps = 0.0, spans[0][0], []
+    for i, (start, stop) in enumerate(spans):  # the union of the intervals: overlapping kernels (streams) count once
+        if start > end:  # the GPU idles from `end` to `start`: say between which kernels
+            gaps.append((start - end, kernels[i - 1]["name"][:60], kernels[i]["name"][:60]))
         busy += max(0.0, stop - max(start, end))
         end = max(end, stop)
     wall = spans[-1][1] - spans[0][0]
@@ -66,7 +70,8 @@ def analyse(trace_path, steps):
                 gpu_idle_ms_per_step=(wall - busy) / steps / 1e3,
                 categories={cat: dict(ms=ms, share=ms / kernel_ms) for cat, ms in per_step.items()},
                 top_kernels={cat: sorted(((n, us / steps / 1e3) for n, us in d.items()), key=lambda x: -x[1])[:5]
-                             for cat, d in names.items()})
+                             for cat, d in names.items()},
+                largest_idle_gaps=[dict(ms=us / 1e3, after=a, before=b) for us, a, b in sorted(gaps, reverse=True)[:8]])
 
 
 def main():
@@ -105,6 +110,9 @@ def main():
           f"idle {profile['gpu_idle_ms_per_step']:.1f} ms")
     for cat, d in profile["categories"].items():
         print(f"  {cat:32s} {d['ms']:8.1f} ms  {d['share']:6.1%}")
+    print(f"largest GPU idle gaps of the {args.steps} steps:")
+    for gap in profile["largest_idle_gaps"]:
+        print(f"  {gap['ms']:6.2f} ms between {gap['after']} and {gap['before']}")
     print(f"wrote {path}")
 
 

@@ -65,7 +65,6 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
     compile: bool = True  # torch.compile the whole model (fullgraph=True)
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
-    coordinate_descent: bool = False  # Inductor tunes its generated kernels' launch settings: ~1% faster, longer compile
     bf16_params: bool = False  # bf16 parameters, gradients and activations, AdamW on fp32 masters (training/precision.py)
     dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before the run fails
     seed: int = 1337  # random seed of the initialisation and the samples

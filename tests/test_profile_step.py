@@ -1,0 +1,34 @@
+"""scripts/profile_step.py's trace analysis on a hand-made Chrome trace whose busy time, idle gaps and categories are
+known by construction."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import profile_step  # noqa: E402
+
+
+def kernel(name, ts, dur):
+    return {"cat": "kernel", "ph": "X", "name": name, "ts": ts, "dur": dur}
+
+
+def test_busy_time_idle_gaps_and_categories(tmp_path):
+    # Two steps, times in microseconds. Kernels on two streams overlap from 150 to 200 (counted once); the GPU
+    # idles from 300 to 400 and from 700 to 1000.
+    events = [kernel("nvjet_sm90_gemm", 0, 200), kernel("cudnn_generated_fort_native_sdpa_fprop", 150, 150),
+              kernel("triton_poi_fused_gelu_3", 400, 300), kernel("_cross_entropy_kernel", 1000, 500),
+              {"cat": "cpu_op", "ph": "X", "name": "aten::mm", "ts": 0, "dur": 5000}]  # not a GPU kernel
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    p = profile_step.analyse(str(path), steps=2)
+    assert p["wall_ms_per_step"] == pytest.approx(1.5 / 2)
+    assert p["gpu_busy_ms_per_step"] == pytest.approx(1.1 / 2)  # 0-300, 400-700, 1000-1500
+    assert p["gpu_idle_ms_per_step"] == pytest.approx(0.4 / 2)
+    assert [(g["ms"], g["after"], g["before"]) for g in p["largest_idle_gaps"]] == [
+        (pytest.approx(0.3), "triton_poi_fused_gelu_3", "_cross_entropy_kernel"),
+        (pytest.approx(0.1), "cudnn_generated_fort_native_sdpa_fprop", "triton_poi_fused_gelu_3")]
+    assert {cat: d["ms"] for cat, d in p["categories"].items()} == {
+        "matmul": pytest.approx(0.1), "attention": pytest.approx(0.075), "GELU": pytest.approx(0.15),
+        "LM head + cross-entropy": pytest.approx(0.25)}
