@@ -75,6 +75,13 @@ def main(argv=None):
     finally:
         if ddp:
             dist.destroy_process_group()
+    if status == STOPPED_EXIT_CODE and rank == 0:
+        # torchrun cannot be told that a worker's non-zero status is a clean stop: it prints its failure report
+        # (ChildFailedError) and exits 1. Say so, rather than leave a user to read that report as a crash.
+        print(f"stopped on request: exit status {STOPPED_EXIT_CODE}; " +
+              ("continue with --resume auto" if cfg.checkpoint_interval else "no checkpoint (checkpoint_interval 0)") +
+              ("; torchrun's failure report below (ChildFailedError, exitcode 75) is this stop, not a crash" if ddp
+               else ""), flush=True)
     sys.exit(status)
 
 
@@ -225,7 +232,8 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
         log.close()
         evals.close()
         if rows:
-            summary = metrics.summarize(rows, start_step, cfg.timing_warmup, env, settings, world, tokens_per_step, mfu)
+            summary = metrics.summarize(rows, start_step, cfg.timing_warmup, env, settings, world, tokens_per_step, mfu,
+                                        status)
             with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
             ms = f"{summary['mean_ms']:.2f} ms/step, " if summary["mean_ms"] else ""

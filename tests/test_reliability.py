@@ -1,6 +1,7 @@
 """Faults across processes (torchrun, gloo, CPU): NaN on one rank, a stop request on one rank, data that wraps,
 resuming on another world size. Each run has a 30 s collective timeout and a subprocess timeout, so a regression
 that would hang fails instead."""
+import json
 import os
 
 import numpy as np
@@ -29,6 +30,8 @@ def test_a_stop_request_on_one_rank_stops_every_rank_at_the_same_step(data_dir, 
                 nproc=2, fault="stop:1:2")
     assert run.returncode != 0 and f"exitcode  : {STOPPED_EXIT_CODE}" in run.stderr, run.stderr  # stopped, not done
     assert "stop requested (by 1 rank(s)) at step 2" in run.stdout
+    assert "torchrun's failure report below (ChildFailedError, exitcode 75) is this stop, not a crash" in run.stdout
+    assert json.load(open(tmp_path / "summary.json"))["exit_status"] == STOPPED_EXIT_CODE
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
     assert os.listdir(tmp_path / "checkpoints") == ["step_000003"]  # saved on the way out
     assert "parameters identical on all 2 ranks: yes" in run.stdout

@@ -161,6 +161,7 @@ def test_sigint_during_evaluation_stops_the_run(tmp_path):
     assert run.returncode == STOPPED_EXIT_CODE, err
     assert time.perf_counter() - started < 60
     assert "SIGINT: the run stops after the current step and saves a checkpoint" in out
+    assert out.splitlines()[-1] == f"stopped on request: exit status {STOPPED_EXIT_CODE}; continue with --resume auto"
     assert [r["step"] for r in read_metrics(tmp_path / "out")] == [0]  # the step in progress, then the stop
     assert os.listdir(tmp_path / "out" / "checkpoints") == ["step_000001"]
     assert (tmp_path / "out" / "evals.jsonl").read_text() == ""  # the cut evaluation left no figures

@@ -41,7 +41,7 @@ def test_three_steps_through_the_entry_point(data_dir, tmp_path):
     config = json.load(open(tmp_path / "config.json"))
     assert config["max_steps"] == 3 and config["n_layer"] == 2 and config["attention"] == "sdpa"
     summary = json.load(open(tmp_path / "summary.json"))
-    assert summary["loss"] == [r["loss"] for r in rows] and summary["final_step"] == 2
+    assert summary["loss"] == [r["loss"] for r in rows] and summary["final_step"] == 2 and summary["exit_status"] == 0
     assert summary["mean_ms"] == pytest.approx((rows[1]["dt_ms"] + rows[2]["dt_ms"]) / 2)
     assert summary["torch"] == torch.__version__ and summary["command"]
     assert f"final: step 2 loss {rows[2]['loss']:.6f}" in run.stdout

@@ -108,9 +108,10 @@ def _read(path):
         return ""
 
 
-def summarize(rows, start_step, timing_warmup, env, settings, world, tokens_per_step, mfu):
+def summarize(rows, start_step, timing_warmup, env, settings, world, tokens_per_step, mfu, exit_status):
     """The run in one JSON object: what results/ keeps and the README's tables are built from. The mean ms/step
-    leaves out the first `timing_warmup` steps of this process (compilation, autotuning), also after a resume."""
+    leaves out the first `timing_warmup` steps of this process (compilation, autotuning), also after a resume.
+    exit_status is the process's (0 done, 1 non-finite loss, 75 stopped): torchrun reports only 0 or 1."""
     timed = [r for r in rows if r["step"] >= start_step + timing_warmup]
     mean_ms = sum(r["dt_ms"] for r in timed) / len(timed) if timed else None
     if not timed:
@@ -120,7 +121,7 @@ def summarize(rows, start_step, timing_warmup, env, settings, world, tokens_per_
         if timing_warmup:
             timing += f" (the first {timing_warmup} of this process left out as warm-up)"
     memory = [r["peak_mem_gib"] for r in rows if r["peak_mem_gib"] is not None]
-    return dict(**env, world_size=world, config=settings, final_step=rows[-1]["step"],
+    return dict(**env, world_size=world, config=settings, exit_status=exit_status, final_step=rows[-1]["step"],
                 final_loss=rows[-1]["loss"], mean_ms=mean_ms, timing=timing,
                 mean_tok_per_s=tokens_per_step / (mean_ms / 1e3) if timed else None,
                 mean_mfu=mfu(mean_ms / 1e3) if timed else None,
