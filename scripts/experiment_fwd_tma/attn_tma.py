@@ -1,0 +1,573 @@
+"""Causal self-attention as our own FlashAttention-2 kernels in Triton (forward and backward).
+
+Algorithm (Dao 2023, "FlashAttention-2"). Per (batch, head), with S = Q Kᵀ·D^-½ causally masked and P = softmax(S):
+
+* Forward, one program per BLOCK_M query rows. It walks the key/value tiles left of the diagonal, keeping the
+  running row max m_i, the running row sum l_i of exp(S - m_i) and the unnormalised output acc; when m_i grows,
+  l_i and acc are rescaled by exp(m_old - m_new). Exponentials are exp2 with log2(e) folded into the scale, so
+  every score costs one FMA and one exp2. Tiles wholly above the diagonal are never visited and only the
+  BLOCK_M/BLOCK_N tiles that straddle it pay for the mask (a separate, second loop). It writes O = acc / l_i and
+  the row logsumexp lse = m_i + log2(l_i) (base 2), which lets the backward rebuild P without a max/sum pass.
+* Backward, with delta = rowsum(dO ∘ O) (= rowsum(P ∘ dP)) and dS = P ∘ (dP - delta), two kernels and no atomics:
+  - the dQ kernel, one program per BLOCK_M2 query rows, first computes delta for its rows from the O and dO tiles
+    it loads anyway (the FA-2 "preprocess" kernel, fused: one launch and one read of dO fewer), stores it, then
+    walks the key tiles left of the diagonal accumulating dQ = dS K;
+  - the dK/dV kernel, one program per BLOCK_N1 key rows, keeps its K and V tiles in registers and walks the query
+    tiles below the diagonal in BLOCK_M1 chunks accumulating dV = Pᵀ dO and dK = dSᵀ Q.
+  Every output element is written by exactly one program, so the backward is deterministic (bitwise repeatable).
+
+Memory traffic per (batch, head), N = T·D elements: forward reads Q once and K, V once per query tile (T/BLOCK_M
+times, mostly from L2) and writes O and lse; the dQ kernel reads Q, dO, O once and K, V once per query tile; the
+dK/dV kernel reads K, V once and Q, dO, lse, delta once per key tile. Nothing of size T×T touches memory.
+
+Layout: the kernels index q, k, v through one shared set of (batch, head, time) strides with unit stride along D,
+which is what the model's non-contiguous views of its fused (B, T, 3C) qkv projection have (no copies); other
+layouts are copied first. dO may have any strides with unit stride along D. O and dQ/dK/dV are allocated in
+(B, T, H, D) memory order and returned as (B, H, T, D) views, so the model's `transpose(1, 2).contiguous()` after
+attention is free and their strides need not be passed. Row offsets into the strided inputs are int64 (T·stride_t
+passes 2^31 at long T); the grid folds B·H over two axes, so any batch·head count launches.
+
+Launches: Triton's generic launch path costs more host time than these kernels take on the GPU at the GPT-2 shape,
+so after the first (autotuning) call the compiled kernels are launched directly, on the Triton version where that
+was verified (see DIRECT_LAUNCH and _launch); elsewhere through Triton's standard launch.
+
+Precision: loads, dots and stores use the input dtype with fp32 accumulation. fp32 inputs use
+`input_precision="ieee"` dots (true fp32, slow; bf16/fp16 is the fast path), so every dtype matches an fp64
+reference to its own rounding. Under TRITON_INTERPRET=1 (CPU tests) bf16 tiles are computed in fp32, because the
+interpreter computes bf16 on raw bit patterns.
+
+Integration: forward and backward are opaque `torch.library.custom_op`s with `register_fake`, tied together by a
+`torch.autograd.Function`; that compiles with `torch.compile(fullgraph=True)` both on the GPU and on the CPU under
+the interpreter (Dynamo never traces into Triton). Eager calls skip the dispatcher (see _FlashAttention).
+"""
+import functools
+import inspect
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime import driver
+
+# Must match how triton itself decides (it reads the variable when a kernel is launched; conftest sets it early).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The direct launch (see _launch) relies on CompiledKernel.run's calling convention and on triton.knobs (3.4+),
+# checked on the GPU with Triton 3.6 only. Other versions take Triton's standard launch: same kernels, same
+# results, more host time per call.
+DIRECT_LAUNCH = not _INTERPRET and triton.__version__.split(".")[:2] == ["3", "6"]
+if DIRECT_LAUNCH:
+    from triton import knobs
+# Grid axes 1 and 2 hold at most 65,535 programs each; batch·head is folded over both (see _grid).
+MAX_GRID_YZ = 65535
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autotune configurations, per head dim (D <= 64 and D = 128). Each kernel's causal tiling requires its diagonal
+# tile to split evenly into the inner tiles of the loop over the other axis (the forward and dQ kernels stop their
+# unmasked loop at a multiple of BLOCK_M, the dK/dV kernel starts its unmasked loop at a multiple of BLOCK_N1). A
+# config that breaks this is an error here, at import, and a static assertion in the kernel.
+# ----------------------------------------------------------------------------------------------------------------
+def _fwd_ok(c):
+    return c.kwargs["BLOCK_M"] % c.kwargs["BLOCK_N"] == 0
+
+
+def _dq_ok(c):
+    return c.kwargs["BLOCK_M2"] % c.kwargs["BLOCK_N2"] == 0
+
+
+def _dkdv_ok(c):
+    return c.kwargs["BLOCK_N1"] % c.kwargs["BLOCK_M1"] == 0
+
+
+def _configs(names, ok, shapes):
+    configs = [triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=s) for *blocks, w, s in shapes]
+    bad = [c for c in configs if not ok(c)]
+    if bad:
+        raise ValueError(f"configs whose diagonal tile does not split into whole inner tiles: {bad}")
+    return configs
+
+
+# Chosen from the H100 survey (results/attention_configs_h100.json: every candidate of scripts/bench_attention.py
+# at T = 512..16384 with B·T = 16384): per kernel and head dim two configs, between them within 1% of the best
+# candidate at every T (small tiles at short T, large at long T). Two keep a first call's autotuning short.
+FWD_CONFIGS = {
+    64: _configs(("BLOCK_M", "BLOCK_N"), _fwd_ok, [(64, 64, 4, 3), (128, 64, 8, 3)]),
+    128: _configs(("BLOCK_M", "BLOCK_N"), _fwd_ok, [(64, 64, 4, 3), (128, 128, 8, 3)]),
+}
+DQ_CONFIGS = {
+    64: _configs(("BLOCK_M2", "BLOCK_N2"), _dq_ok, [(64, 32, 4, 3), (64, 64, 4, 3)]),
+    128: _configs(("BLOCK_M2", "BLOCK_N2"), _dq_ok, [(64, 32, 4, 3), (128, 64, 8, 3)]),
+}
+DKDV_CONFIGS = {
+    64: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 4, 3), (128, 32, 4, 3)]),
+    128: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 4, 3), (64, 64, 4, 2)]),
+}
+
+
+def configs_for(configs, head_dim):
+    """The list of a kernel's configs (one of the dicts above) that applies to a head dim."""
+    return configs[64 if head_dim <= 64 else 128]
+
+
+# Under the interpreter there is nothing to tune (and autotune would need a do_bench callable): production calls
+# use the first config of each list, tests run every config explicitly.
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------
+# Triton compiles a variant per integer argument divisible by 16 or not. B·H and T_BUCKET take no part in addressing
+# or tiling, so they are kept out of that: otherwise B·H = 24 and 192 compile (and autotune) every config twice.
+_NOT_SPECIALIZED = ["BH", "T_BUCKET"]
+
+@triton.jit
+def _batch_head():
+    """This program's batch·head index: the grid is (tiles, Y, Z) with batch·head = z·Y + y (see _grid)."""
+    return tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+
+
+@triton.jit
+def _rows(base, offs_t, stride_t, offs_d):
+    """Pointers to a (rows, HEAD_DIM) tile of a strided q/k/v/dO. The row offsets are int64: with the model's fused
+    qkv views (stride_t = 3C) T·stride_t passes 2^31 at long T (H=32, D=128: T = 175,000)."""
+    return base + offs_t.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
+
+
+@triton.jit
+def _bthd_offset(off_b, off_h, offs_t, offs_d, H, T, HEAD_DIM: tl.constexpr):
+    """Offsets of a (rows, HEAD_DIM) tile of the (B, T, H, D)-ordered buffers we allocate (O, dQ, dK, dV): their
+    strides follow from the shape, so they are not passed as arguments (fewer arguments, cheaper launches)."""
+    return (off_b * T + offs_t[:, None]) * (H * HEAD_DIM) + off_h * HEAD_DIM + offs_d[None, :]  # off_b is int64
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_t, offs_m, offs_d, lo, hi, T, qk_scale,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = _rows(k_base, offs_n, stride_t, offs_d)
+        v_ptrs = _rows(v_base, offs_n, stride_t, offs_d)
+        if MASKED:  # the diagonal tiles may run past T
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0).to(COMPUTE)
+        else:  # left of the diagonal every key index is < T
+            k = tl.load(k_ptrs).to(COMPUTE)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED:
+            # -inf, not a large negative bias, so bf16/fp16 rounding cannot leak weight through. Keys >= T are
+            # masked by causality for every real row (row < T); padded rows are never stored.
+            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
+        # m_ij is finite: each row's first visited tile holds key 0, which no row masks.
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0).to(COMPUTE)
+        else:
+            v = tl.load(v_ptrs).to(COMPUTE)
+        acc = tl.dot(p.to(COMPUTE), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+WS = False  # set by the driver: automatic warp specialisation of the unmasked loop
+
+
+def _alloc(size, align, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+triton.set_allocator(_alloc)
+
+
+@triton.jit
+def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, lo, hi, qk_scale, BLOCK_N: tl.constexpr,
+                   MASKED: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, WSPEC: tl.constexpr):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WSPEC):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = k_desc.load([start_n, 0]).to(COMPUTE)  # rows >= T come back as zeros
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([start_n, 0]).to(COMPUTE)
+        acc = tl.dot(p.to(COMPUTE), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _attn_fwd(Q, K, V, O, LSE, stride_b, stride_h, stride_t, H, T, BH, T_BUCKET,
+              HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              COMPUTE: tl.constexpr, PRECISION: tl.constexpr, WSPEC: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal tile must split into whole BLOCK_N tiles")
+    off_bh = _batch_head()
+    if off_bh >= BH:
+        return
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qkv_offset = off_b * stride_b + off_h * stride_h
+    q_desc = tl.make_tensor_descriptor(Q + qkv_offset, shape=[T, HEAD_DIM], strides=[stride_t, 1],
+                                       block_shape=[BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(K + qkv_offset, shape=[T, HEAD_DIM], strides=[stride_t, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V + qkv_offset, shape=[T, HEAD_DIM], strides=[stride_t, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    o_desc = tl.make_tensor_descriptor(O + off_b * T * H * HEAD_DIM + off_h * HEAD_DIM, shape=[T, HEAD_DIM],
+                                       strides=[H * HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    q = q_desc.load([start_m * BLOCK_M, 0]).to(COMPUTE)
+    qk_scale = SM_SCALE * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    diag = start_m * BLOCK_M
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, 0, diag, qk_scale, BLOCK_N, False,
+                                   COMPUTE, PRECISION, WSPEC)
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, diag, tl.minimum(diag + BLOCK_M, T),
+                                   qk_scale, BLOCK_N, True, COMPUTE, PRECISION, False)
+    o = acc / l_i[:, None]
+    o_desc.store([start_m * BLOCK_M, 0], o.to(O.dtype.element_ty))  # rows >= T are not written
+    tl.store(LSE + off_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward: dQ (with the delta preprocess fused in), then dK/dV
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_t, offs_m, offs_d, lo, hi, T, qk_scale,
+              BLOCK_N2: tl.constexpr, MASKED: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N2):
+        start_n = tl.multiple_of(start_n, BLOCK_N2)
+        offs_n = start_n + tl.arange(0, BLOCK_N2)
+        k_ptrs = _rows(k_base, offs_n, stride_t, offs_d)
+        v_ptrs = _rows(v_base, offs_n, stride_t, offs_d)
+        if MASKED:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0).to(COMPUTE)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0).to(COMPUTE)
+        else:
+            k = tl.load(k_ptrs).to(COMPUTE)
+            v = tl.load(v_ptrs).to(COMPUTE)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])  # P rebuilt from the stored logsumexp, no max/sum pass
+        if MASKED:
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(COMPUTE), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, stride_b, stride_h, stride_t, stride_dob, stride_doh, stride_dot, H, T,
+                 BH, T_BUCKET,
+                 HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+                 COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_M2 % BLOCK_N2 == 0, "the diagonal tile must split into whole BLOCK_N2 tiles")
+    off_bh = _batch_head()
+    if off_bh >= BH:  # past the end of a folded grid
+        return
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest first, as in the forward
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    qk_scale = SM_SCALE * 1.4426950408889634
+
+    qkv_offset = off_b * stride_b + off_h * stride_h
+    bthd = _bthd_offset(off_b, off_h, offs_m, offs_d, H, T, HEAD_DIM)
+    q = tl.load(_rows(Q + qkv_offset, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
+    do = tl.load(_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, offs_d),
+                 mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + bthd, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + off_bh.to(tl.int64) * T + offs_m, delta, mask=row_ok)
+    # Padded rows get lse = +inf, so their P is exactly 0 and they contribute nothing.
+    lse = tl.load(LSE + off_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf"))
+    do = do.to(COMPUTE)
+
+    dq = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
+    diag = start_m * BLOCK_M2
+    dq = _dq_inner(dq, q, do, lse, delta, K + qkv_offset, V + qkv_offset, stride_t, offs_m, offs_d, 0, diag, T,
+                   qk_scale, BLOCK_N2, False, COMPUTE, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, K + qkv_offset, V + qkv_offset, stride_t, offs_m, offs_d, diag,
+                   tl.minimum(diag + BLOCK_M2, T), T, qk_scale, BLOCK_N2, True, COMPUTE, PRECISION)
+    dq *= SM_SCALE  # dS is d(loss)/d(S) of the scaled scores: dQ = scale · dS K
+    tl.store(DQ + bthd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t, stride_dot, offs_n, offs_d, lo, hi,
+                T, qk_scale,
+                BLOCK_M1: tl.constexpr, MASKED: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    # Works on transposed tiles (keys along rows) so that dK and dV accumulate as plain row-major dots.
+    for start_m in range(lo, hi, BLOCK_M1):
+        start_m = tl.multiple_of(start_m, BLOCK_M1)
+        offs_m = start_m + tl.arange(0, BLOCK_M1)
+        row_ok = offs_m < T  # the last query tile may run past T, in either stage
+        q = tl.load(_rows(q_base, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
+        do = tl.load(_rows(do_base, offs_m, stride_dot, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))  # +inf: P = 0 on padded rows
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if MASKED:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        dv = tl.dot(pT.to(COMPUTE), do, dv, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(COMPUTE), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, stride_b, stride_h, stride_t, stride_dob, stride_doh, stride_dot,
+                   H, T, BH, T_BUCKET,
+                   HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr,
+                   COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_N1 % BLOCK_M1 == 0, "the diagonal tile must split into whole BLOCK_M1 tiles")
+    off_bh = _batch_head()
+    if off_bh >= BH:  # past the end of a folded grid
+        return
+    start_n = tl.program_id(0) * BLOCK_N1  # low key tiles see the most queries and are launched first anyway
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < T
+    qk_scale = SM_SCALE * 1.4426950408889634
+
+    qkv_offset = off_b * stride_b + off_h * stride_h
+    k = tl.load(_rows(K + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
+    v = tl.load(_rows(V + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
+    q_base = Q + qkv_offset
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    lse_base = LSE + off_bh.to(tl.int64) * T
+    delta_base = DELTA + off_bh.to(tl.int64) * T
+
+    dk = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
+    diag_end = tl.minimum(start_n + BLOCK_N1, T)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t, stride_dot, offs_n, offs_d,
+                         start_n, diag_end, T, qk_scale, BLOCK_M1, True, COMPUTE, PRECISION)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t, stride_dot, offs_n, offs_d,
+                         diag_end, T, T, qk_scale, BLOCK_M1, False, COMPUTE, PRECISION)
+    dk *= SM_SCALE
+    bthd = _bthd_offset(off_b, off_h, offs_n, offs_d, H, T, HEAD_DIM)
+    tl.store(DK + bthd, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + bthd, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers. `config=None` runs the autotuned kernels (production); tests pass an explicit triton.Config.
+# ----------------------------------------------------------------------------------------------------------------
+# Autotuning results are kept on disk (Triton's cache directory) where this Triton can, so a new process does not
+# re-tune a shape it has tuned before.
+_CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+_TUNED = {}  # (kernel, configs) -> its autotuner, whose .cache holds the winners (scripts/bench_attention.py)
+
+
+def _tuned(kernel, configs):
+    """The autotuned kernel over a config list. Tuned per dtype, head dim and power-of-two bucket of T: T_BUCKET
+    is a kernel argument only to be this key (keyed on T itself, sampling with a growing sequence would re-tune at
+    every length). It is a plain integer, not a constexpr, so the buckets share compiled kernels."""
+    if (kernel, configs) not in _TUNED:
+        _TUNED[kernel, configs] = triton.autotune(list(configs), key=["T_BUCKET", "HEAD_DIM"], **_CACHE_RESULTS)(kernel)
+    return _TUNED[kernel, configs]
+
+
+@functools.lru_cache(maxsize=None)
+def _meta(dtype, head_dim):
+    """The constexpr arguments (other than the block sizes)."""
+    compute = tl.float32 if _INTERPRET else _TL_DTYPE[dtype]
+    # The scale is a constexpr: a runtime float would arrive as fp64 from Inductor and fp64 breaks the loop-carried m_i.
+    return dict(HEAD_DIM=head_dim, SM_SCALE=head_dim**-0.5, COMPUTE=compute,
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _grid(T, rows, BH):
+    """(tiles along T, Y, Z) with Y·Z >= B·H programs over batch·head (the kernels read batch·head = z·Y + y and
+    skip the Y·Z - B·H < Z programs past the end): axes 1 and 2 hold at most MAX_GRID_YZ programs each."""
+    z = triton.cdiv(BH, MAX_GRID_YZ)
+    return triton.cdiv(T, rows), triton.cdiv(BH, z), z
+
+
+# (kernel, its specialisation-relevant arguments) -> (compiled kernel, rows per program, constexpr values)
+_COMPILED = {}
+
+
+def _launch(kernel, configs, config, block, B, H, T, args, dtype, D):
+    """Launches `kernel` over (tiles of `block` rows, batch·head) with `args` followed by (B·H, T_BUCKET)."""
+    BH = B * H
+    args = (*args, BH, triton.next_power_of_2(T))
+    meta = _meta(dtype, D)
+    if kernel is _attn_fwd:
+        meta = {**meta, "WSPEC": WS}
+    if _INTERPRET or config is not None:
+        config = config or configs_for(configs, D)[0]
+        kernel[_grid(T, config.kwargs[block], BH)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                                   num_stages=config.num_stages)
+        return
+    tuned = _tuned(kernel, tuple(configs_for(configs, D)))
+    if not DIRECT_LAUNCH:
+        tuned[lambda c: _grid(T, c[block], BH)](*args, **meta)
+        return
+    # Triton's generic launch path (autotuner key, argument binding, specialisation, cache lookup) costs ~70 us of
+    # host time per launch on the H100 machine, longer than our kernels run at the GPT-2 shape. So once the
+    # autotuner has picked and compiled a kernel, it is launched directly. The key holds everything Triton
+    # specialises on: every integer argument exactly, each tensor's dtype and 16-byte alignment, the constexprs
+    # (which follow from dtype and D) and the device.
+    key = (kernel, args[0].device, D, *(a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) for a in args))
+    entry = _COMPILED.get(key)
+    if entry is None:
+        compiled = tuned[lambda c: _grid(T, c[block], BH)](*args, **meta)
+        constexprs = {**meta, **tuned.best_config.kwargs}
+        _COMPILED[key] = (compiled, tuned.best_config.kwargs[block],
+                          tuple(constexprs[name] for name in kernel.arg_names[len(args):]))
+        return
+    compiled, rows, constexprs = entry
+    grid = _grid(T, rows, BH)
+    stream = driver.active.get_current_stream(args[0].device.index)
+    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(grid, stream, *args, *constexprs), knobs.runtime.launch_enter_hook,
+                 knobs.runtime.launch_exit_hook, *args, *constexprs)
+
+
+def _bthd_strides(x):
+    B, H, T, D = x.shape
+    return (T * H * D, D, H * D, 1)
+
+
+def _bthd(x):
+    """An empty (B, H, T, D) tensor laid out in (B, T, H, D) memory order."""
+    return torch.empty_strided(x.shape, _bthd_strides(x), dtype=x.dtype, device=x.device)
+
+
+def _unit_stride(q, k, v):
+    """The kernels take one set of (b, h, t) strides for q, k, v and a unit stride along D. The model's views of
+    its qkv projection (and any contiguous tensors of one shape) already qualify; anything else is copied."""
+    if q.stride() == k.stride() == v.stride() and q.stride(-1) == 1:
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def attention_forward(q, k, v, config=None):
+    """Returns (o, lse); lse is the base-2 row logsumexp of the scaled scores, fp32, shape (B, H, T)."""
+    B, H, T, D = q.shape
+    q, k, v = _unit_stride(q, k, v)
+    o = _bthd(q)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    _launch(_attn_fwd, FWD_CONFIGS, config, "BLOCK_M", B, H, T, (q, k, v, o, lse, *q.stride()[:3], H, T), q.dtype, D)
+    return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, dq_config=None, dkdv_config=None):
+    """Returns (dq, dk, dv). The dQ kernel runs first: it also computes delta, which the dK/dV kernel reads."""
+    B, H, T, D = q.shape
+    q, k, v = _unit_stride(q, k, v)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    if o.stride() != _bthd_strides(o):  # the kernel indexes O in the layout attention_forward gives it
+        o = _bthd(o).copy_(o)
+    dq, dk, dv = _bthd(q), _bthd(k), _bthd(v)
+    delta = torch.empty_like(lse)
+    strides = (*q.stride()[:3], *do.stride()[:3], H, T)
+    _launch(_attn_bwd_dq, DQ_CONFIGS, dq_config, "BLOCK_M2", B, H, T, (q, k, v, o, do, dq, lse, delta, *strides),
+            q.dtype, D)
+    _launch(_attn_bwd_dkdv, DKDV_CONFIGS, dkdv_config, "BLOCK_N1", B, H, T, (q, k, v, do, dk, dv, lse, delta, *strides),
+            q.dtype, D)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch integration
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("gpt2_attention_tma::triton_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v)
+
+
+@_fwd_op.register_fake
+def _(q, k, v):
+    B, H, T, _ = q.shape
+    return _bthd(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt2_attention_tma::triton_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+            lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, o, lse)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse):
+    return _bthd(q), _bthd(k), _bthd(v)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Autograd for the two ops. Under torch.compile the ops stay opaque custom ops (the one path that compiles with
+    fullgraph=True on the GPU and under the CPU interpreter alike); in eager mode the launchers are called directly,
+    skipping the dispatcher. The custom-op `register_autograd` wrapper cost 80 us more host time per
+    forward+backward (measured on the CPU with the launch stubbed out); on the H100 machine, whose host is the
+    bottleneck at the GPT-2 shape, eager backward went from 0.383 to 0.280 ms (see KERNEL_NOTES.md)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        o, lse = _fwd_op(q, k, v) if torch.compiler.is_compiling() else attention_forward(q, k, v)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            return _bwd_op(do, q, k, v, o, lse)
+        return attention_backward(do, q, k, v, o, lse)
+
+
+def _check(q, k, v):
+    """Cheap checks (metadata only, no host sync) with an error that names the limits; never a silent fallback."""
+    hint = "use `--attention sdpa` for other inputs"
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"triton attention computes causal self-attention: q, k, v must all be (B, H, T, D) of "
+                         f"one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; {hint}")
+    check_head_dim(q.shape[-1])
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"triton attention supports float16, bfloat16 and float32 (all three alike), got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}; {hint}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    check_device(q.device)
+
+
+def check_head_dim(head_dim):
+    """Fail, naming the fix, for a head dim the kernels do not support: the trainer calls this at config time."""
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"triton attention supports head dims {HEAD_DIMS}, got D={head_dim} (n_embd / n_head); "
+                         f"choose n_embd and n_head to give one of them, or use `--attention sdpa`")
+
+
+def check_device(device):
+    """Fail, naming the fix, where these kernels cannot run: the trainer calls this before it builds anything."""
+    if device.type != "cuda" and not _INTERPRET:
+        where = "this machine has no CUDA GPU" if not torch.cuda.is_available() else f"the inputs are on {device}"
+        raise RuntimeError(f"triton attention needs CUDA tensors and {where}; use `--attention sdpa`, or set "
+                           f"TRITON_INTERPRET=1 before importing it to run the kernels in Triton's CPU interpreter "
+                           f"(tests only, slow)")
+
+
+def causal_attention(q, k, v):
+    _check(q, k, v)
+    return _FlashAttention.apply(q, k, v)
