@@ -143,7 +143,9 @@ def sample_speed_block():
 
 # The profiles of TRAINING_NOTES.md's levers, in the order they were added: tag -> what the run had on.
 PROFILES = [("chunk0", "plain (before)"), ("chunk8192", "+ fused loss, 8192-row chunks"), ("loader", "+ pinned loader"),
-            ("bf16", "+ bf16_params"), ("chunk16k", "+ 16384-row chunks (the config)")]
+            ("bf16", "+ bf16_params"), ("chunk16k", "+ 16384-row chunks"),
+            # a later device call: the same configuration measured again, then with the cross-entropy kernel
+            ("before_ce", "the same, later call"), ("ce_kernel", "+ cross-entropy kernel (the config)")]
 
 
 def profile_block():
