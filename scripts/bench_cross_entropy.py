@@ -10,7 +10,6 @@ a path whose second pass reads DRAM again shows as lower bandwidth. The kernel i
 """
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -21,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cross_entropy  # noqa: E402
 from model import loss_and_grad  # noqa: E402
-from training.metrics import environment, gpu_slug  # noqa: E402
+from training.metrics import environment, write_report  # noqa: E402
 
 ROWS, VOCAB = 16384, 50304
 LAUNCHES = [(block, warps) for block in (2048, 4096, 8192) for warps in (8, 16, 32)]  # (BLOCK_V, num_warps)
@@ -54,11 +53,7 @@ def main(argv=None):
         print(f"{name:44s} {ms:7.3f} ms {rows[-1]['gb_per_s']:7.0f} GB/s  max |loss - torch| "
               f"{rows[-1]['max_loss_error']:.1e}, |grad - torch| {rows[-1]['max_grad_error']:.1e}", flush=True)
     report = dict(**env, rows_per_chunk=ROWS, vocab=VOCAB, dtype="bfloat16", one_pass_gb=one_pass_gb, results=rows)
-    os.makedirs(args.out_dir, exist_ok=True)
-    out = os.path.join(args.out_dir, f"cross_entropy_{gpu_slug(env['gpu'])}.json")
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {out}")
+    write_report(report, args.out_dir, "cross_entropy")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ prompt's pass included in the time.
 Also records whether greedy decoding in fp32 gives the same tokens with and without the cache on this GPU.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from model import GPT, GPTConfig  # noqa: E402
 from sample import generate_timed  # noqa: E402
-from training.metrics import environment, gpu_slug  # noqa: E402
+from training.metrics import environment, write_report  # noqa: E402
 
 PROMPT, NEW_TOKENS, BATCHES, REPEATS = 16, 512, (1, 8, 64), 2
 CASES = [("sdpa", False), ("sdpa", True)]
@@ -70,11 +69,7 @@ def main(argv=None):
         print(f"greedy fp32, {attention}: {check['equal']} of {check['of']} new tokens equal with and without the cache")
     report = dict(**env, model="GPT-2 124M, random weights", prompt_tokens=PROMPT, new_tokens=NEW_TOKENS, top_k=50,
                   repeats=REPEATS, rows=rows, greedy_fp32_cache_equals_no_cache=checks)
-    os.makedirs(args.out_dir, exist_ok=True)
-    out = os.path.join(args.out_dir, f"sample_speed_{gpu_slug(env['gpu'])}.json")
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {out}")
+    write_report(report, args.out_dir, "sample_speed")
 
 
 if __name__ == "__main__":

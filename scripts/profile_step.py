@@ -20,7 +20,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from training.config import ConfigError, load_config  # noqa: E402
-from training.metrics import gpu_slug  # noqa: E402
+from training.metrics import write_report  # noqa: E402
 
 # First match wins. Inductor names its kernels after the ops it fused (triton_red_fused__log_softmax_..., ...).
 CATEGORIES = [
@@ -101,11 +101,7 @@ def main():
     record.update(command=" ".join(["python"] + sys.argv), trainer_command=" ".join(cmd[1:]), config=summary["config"],
                   mean_ms=summary["mean_ms"], mean_tok_per_s=summary["mean_tok_per_s"],
                   peak_mem_gib=summary["peak_mem_gib"], profile=profile)
-    os.makedirs(args.out_dir, exist_ok=True)
-    tag = f"_{args.tag}" if args.tag else ""
-    path = os.path.join(args.out_dir, f"profile_{args.config}{tag}_{gpu_slug(summary['gpu'])}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
+    write_report(record, args.out_dir, f"profile_{args.config}" + (f"_{args.tag}" if args.tag else ""))
     print(f"step {profile['wall_ms_per_step']:.1f} ms traced, GPU busy {profile['gpu_busy_ms_per_step']:.1f} ms, "
           f"idle {profile['gpu_idle_ms_per_step']:.1f} ms")
     for cat, d in profile["categories"].items():
@@ -113,7 +109,6 @@ def main():
     print(f"largest GPU idle gaps of the {args.steps} steps:")
     for gap in profile["largest_idle_gaps"]:
         print(f"  {gap['ms']:6.2f} ms between {gap['after']} and {gap['before']}")
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

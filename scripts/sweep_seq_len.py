@@ -25,7 +25,7 @@ from bench_attention import measure, vs_cudnn  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from training.metrics import environment, gpu_slug  # noqa: E402
+from training.metrics import environment, write_report  # noqa: E402
 
 TOKENS, WIDTH = 16384, 768
 SEQ_LENS = [512, 1024, 2048, 4096, 8192, 16384]
@@ -114,12 +114,9 @@ def main():
               "ratios_note": "sdpa default's time / triton's time (> 1: triton faster); gpu = summed kernel "
                              "durations (torch profiler), do_bench = median wall time between CUDA events",
               "ratios": ratios, "results": results}
-    os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, f"attention_sweep_{gpu_slug(env['gpu'])}")
-    with open(f"{base}.json", "w") as f:
-        json.dump(record, f, indent=1)
-    plot(results, title(record), f"{base}.png")
-    print(f"wrote {base}.json and .png")
+    path = write_report(record, args.out_dir, "attention_sweep")
+    plot(results, title(record), path.replace(".json", ".png"))
+    print(f"wrote {path.replace('.json', '.png')}")
 
 
 if __name__ == "__main__":

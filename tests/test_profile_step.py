@@ -32,3 +32,20 @@ def test_busy_time_idle_gaps_and_categories(tmp_path):
     assert {cat: d["ms"] for cat, d in p["categories"].items()} == {
         "matmul": pytest.approx(0.1), "attention": pytest.approx(0.075), "GELU": pytest.approx(0.15),
         "LM head + cross-entropy": pytest.approx(0.25)}
+
+
+def test_a_written_profile_reaches_the_readme_table(tmp_path, monkeypatch):
+    """write_report names the file as update_readme.py looks for it: the profile shows up in the README's table."""
+    import update_readme
+    from training.metrics import write_report
+
+    record = dict(gpu="NVIDIA H100 80GB HBM3", torch="2.11", triton="3.6", cuda="13.0", cudnn=91900, date="today",
+                  command="python scripts/profile_step.py", mean_ms=964.4, peak_mem_gib=28.3,
+                  profile={"categories": {"matmul": {"ms": 561.0}}, "gpu_idle_ms_per_step": 14.0})
+    path = write_report(record, str(tmp_path / "results"), "profile_gpt2_124m_short_ce_kernel")
+    assert os.path.basename(path) == "profile_gpt2_124m_short_ce_kernel_h100.json"
+    assert json.load(open(path)) == record
+    assert write_report({"gpu": None}, str(tmp_path), "sample_speed").endswith("sample_speed_cpu.json")
+    monkeypatch.setattr(update_readme, "ROOT", str(tmp_path))
+    table = update_readme.profile_block()
+    assert "| matmul | 561 |" in table and "**964**" in table and "NVIDIA H100 80GB HBM3" in table

@@ -48,6 +48,16 @@ def gpu_slug(gpu_name):
     return "-".join(words[: n + 1])
 
 
+def write_report(report, out_dir, stem):
+    """A measuring script's JSON, as <out_dir>/<stem>_<gpu>.json (results/ holds the repo's own); returns the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{stem}_{gpu_slug(report['gpu'])}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {path}")
+    return path
+
+
 def peak_memory_gib(device):
     """Peak memory of this process: allocated GPU memory on CUDA, the process's peak RSS elsewhere (None where the
     platform cannot say)."""
