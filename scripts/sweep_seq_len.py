@@ -2,6 +2,7 @@
 
     python scripts/sweep_seq_len.py            # writes out/attention_sweep_<gpu>.json and .png (--out_dir results: the repo's)
     python scripts/sweep_seq_len.py --replot   # redraws the .png from the .json, measuring nothing
+    python scripts/sweep_seq_len.py --variant ordered=attention/experiments/ordered_dq.py   # a kernel experiment too
 
 T from 512 to 16384 with B·T fixed at 16384 tokens and H·D at 768 (D=64 with H=12, D=128 with H=6; bf16, causal),
 so every point holds the same tokens and attention's cost per token grows with T. Attention FLOPs (∝ B·T²) then
@@ -74,6 +75,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out_dir", default=os.path.join(ROOT, "out"), help="results/ for the repo's own figures")
     p.add_argument("--replot", action="store_true", help="redraw the plots of results/attention_sweep_*.json")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
+                   help="also sweep the causal_attention of a kernel experiment (as bench_attention.py --variant)")
     args = p.parse_args()
     if args.replot:
         for path in glob.glob(os.path.join(ROOT, "results", "attention_sweep_*.json")):
@@ -86,9 +89,11 @@ def main():
         sys.exit("sweep_seq_len.py needs a CUDA GPU")
     env = environment(torch.device("cuda"))
     print(f"GPU: {env['gpu']} | torch {env['torch']} | triton {env['triton']} | cuDNN {env['cudnn']}", flush=True)
-    fns = bench_attention.backends({})
+    variants = {n: bench_attention.load_variant(n, path) for n, path in (v.split("=", 1) for v in args.variant)}
+    fns = bench_attention.backends(variants)
     results, ratios = {}, {}
     for D, names in BACKENDS.items():
+        names = names + [f"triton {n}" for n in variants]
         H = WIDTH // D
         for T in SEQ_LENS:
             B = TOKENS // T
@@ -105,6 +110,8 @@ def main():
                       f"(GPU {r['fwd_gpu_ms']:7.3f}), {r['fwd_bwd_gpu_tflops']:4.0f} TFLOP/s GPU, "
                       f"{r['peak_mib']:6.0f} MiB, first call {r['first_call_s']:5.1f} s"), flush=True)
             ratios.setdefault(group(D), {})[str(T)] = vs_cudnn(rows["triton"], rows["sdpa default"])
+            for n in variants:
+                ratios[group(D)][f"{T} {n}"] = vs_cudnn(rows[f"triton {n}"], rows["sdpa default"])
 
     print("\ntriton speed vs sdpa default (its time / ours; targets: fwd_bwd >= 1.0, goal 1.10; fwd >= 0.95, goal 1.0)")
     for name_group, by_t in ratios.items():
