@@ -144,11 +144,12 @@ def _attn_bwd_ordered(Q, K, V, DO, DQ, DQ_ACC, DK, DV, LSE, DELTA, LOCKS, stride
 
 
 DELTA_CONFIGS = {d: [triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1)] for d in (64, 128)}
-# The dK/dV kernel's winners (results/attention_configs_h100.json) plus one with smaller query tiles: the fifth
-# matmul's BLOCK_M1 × D accumulator costs registers.
+# The fifth matmul's BLOCK_M1 × D accumulator costs registers: of the candidates compiled for sm_90 on a CPU
+# (triton.compile with GPUTarget("cuda", 90, 32), registers and stack from cuobjdump --dump-resource-usage), these
+# use no local memory; the dK/dV kernel's own D=128 configs spill here (168-800 bytes of stack).
 ORDERED_CONFIGS = {
-    64: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 4, 3), (128, 32, 4, 3), (128, 16, 4, 3)]),
-    128: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 3)]),
+    64: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]),
+    128: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 8, 3), (128, 32, 8, 3), (32, 16, 4, 3)]),
 }
 MIN_BLOCK_M1 = 16  # the smallest query tile of any config: the counter buffer is sized for it
 
