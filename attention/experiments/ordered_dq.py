@@ -71,19 +71,33 @@ def _add_dq_share(dq_share, DQ, DQ_ACC, locks, j, j_last, bthd, row_ok, SM_SCALE
 
 
 @triton.jit
+def _query_tile(q_base, do_base, lse_base, delta_base, start_m, stride_t, stride_dot, offs_d, T,
+                BLOCK_M1: tl.constexpr, COMPUTE: tl.constexpr):
+    """The q, dO rows, lse and delta of the query tile at start_m (rows >= T masked)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M1)
+    row_ok = offs_m < T
+    q = tl.load(_rows(q_base, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
+    do = tl.load(_rows(do_base, offs_m, stride_dot, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))  # +inf: P = 0 on padded rows
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _ordered_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DQ, DQ_ACC, LOCKS, stride_t, stride_dot,
                    offs_n, offs_d, off_b, off_h, j, n_blocks, lo, hi, H, T, qk_scale,
                    HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr,
                    MASKED: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    # attention/triton.py's _dkdv_inner plus the dQ share of each query tile.
+    # attention/triton.py's _dkdv_inner plus the dQ share of each query tile. Triton does not software-pipeline a
+    # loop that holds an atomic (seen in its sm_90 output: no async copies), so the next tile's loads are issued by
+    # hand before this tile's dots, and arrive while they run.
+    q, do, lse, delta = _query_tile(q_base, do_base, lse_base, delta_base, lo, stride_t, stride_dot, offs_d, T,
+                                    BLOCK_M1, COMPUTE)
     for start_m in range(lo, hi, BLOCK_M1):
         start_m = tl.multiple_of(start_m, BLOCK_M1)
         offs_m = start_m + tl.arange(0, BLOCK_M1)
-        row_ok = offs_m < T
-        q = tl.load(_rows(q_base, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
-        do = tl.load(_rows(do_base, offs_m, stride_dot, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        next_q, next_do, next_lse, next_delta = _query_tile(q_base, do_base, lse_base, delta_base, start_m + BLOCK_M1,
+                                                            stride_t, stride_dot, offs_d, T, BLOCK_M1, COMPUTE)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if MASKED:
@@ -93,11 +107,11 @@ def _ordered_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DQ, DQ_A
         dsT = (pT * (dpT - delta[None, :])).to(COMPUTE)
         dk = tl.dot(dsT, q, dk, input_precision=PRECISION)
         dq_share = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)
-        i = start_m // BLOCK_M1
         j_last = tl.minimum((start_m + BLOCK_M1 - 1) // BLOCK_N1, n_blocks - 1)  # the tile's diagonal block
-        locks = LOCKS + (off_b * H + off_h) * tl.cdiv(T, BLOCK_M1) + i
+        locks = LOCKS + (off_b * H + off_h) * tl.cdiv(T, BLOCK_M1) + start_m // BLOCK_M1
         _add_dq_share(dq_share, DQ, DQ_ACC, locks, j, j_last,
-                      _bthd_offset(off_b, off_h, offs_m, offs_d, H, T, HEAD_DIM), row_ok, SM_SCALE)
+                      _bthd_offset(off_b, off_h, offs_m, offs_d, H, T, HEAD_DIM), offs_m < T, SM_SCALE)
+        q, do, lse, delta = next_q, next_do, next_lse, next_delta
     return dk, dv
 
 
@@ -144,12 +158,11 @@ def _attn_bwd_ordered(Q, K, V, DO, DQ, DQ_ACC, DK, DV, LSE, DELTA, LOCKS, stride
 
 
 DELTA_CONFIGS = {d: [triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1)] for d in (64, 128)}
-# The fifth matmul's BLOCK_M1 × D accumulator costs registers: of the candidates compiled for sm_90 on a CPU
-# (triton.compile with GPUTarget("cuda", 90, 32), registers and stack from cuobjdump --dump-resource-usage), these
-# use no local memory; the dK/dV kernel's own D=128 configs spill here (168-800 bytes of stack).
+# The fifth matmul's BLOCK_M1 × D accumulator and the prefetched tile cost registers: of the candidates compiled for
+# sm_90 (scripts/kernel_resources.py, no GPU needed), these use no local memory. The dK/dV kernel's configs spill here.
 ORDERED_CONFIGS = {
-    64: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]),
-    128: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 8, 3), (128, 32, 8, 3), (32, 16, 4, 3)]),
+    64: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 4, 3), (128, 32, 8, 3), (128, 16, 8, 3)]),
+    128: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 16, 8, 3), (128, 16, 8, 3), (32, 32, 4, 3)]),
 }
 MIN_BLOCK_M1 = 16  # the smallest query tile of any config: the counter buffer is sized for it
 

@@ -1,0 +1,89 @@
+"""What each config of a Triton kernel costs the GPU's resources, found without a GPU: registers, local memory (spills),
+shared memory, and whether Triton software-pipelined its loops.
+
+    python scripts/kernel_resources.py                       # attention/triton.py's three kernels, every config
+    python scripts/kernel_resources.py attention.experiments.ordered_dq:_attn_bwd_ordered:ORDERED_CONFIGS --arch 90
+
+Each kernel is compiled for the target architecture with Triton's own compiler and ptxas (`triton.compile` with a
+GPUTarget, no driver needed), bf16, at each head dim of its config list, with the integer arguments that the
+model's strided views make divisible by 16 (strides, T) marked so, as they are at run time; registers and stack come
+from `cuobjdump --dump-resource-usage`. A stack above 0 means spills. `async copies` counts the cp.async copies in
+the kernel's TTGIR: 0 in a kernel with loops means none of its loads was software-pipelined.
+"""
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)  # the kernels are compiled here, never interpreted
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from attention.triton import _meta  # noqa: E402
+
+DEFAULT = ["attention.triton:_attn_fwd:FWD_CONFIGS", "attention.triton:_attn_bwd_dq:DQ_CONFIGS",
+           "attention.triton:_attn_bwd_dkdv:DKDV_CONFIGS"]
+POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "LOCKS": "*i32"}  # the others: the inputs' bf16
+INTEGERS = {"H", "T", "BH", "T_BUCKET"}  # upper-case like the tensors, after the paper's notation
+
+
+def signature(kernel, constexprs):
+    """Argument types: upper-case names are tensors (pointers) but for INTEGERS, the rest 32-bit integers; and which
+    are divisible by 16."""
+    types = {n: "constexpr" if n in constexprs else "i32" if n in INTEGERS or not n.isupper() else
+             POINTER_TYPES.get(n, "*bf16") for n in kernel.arg_names}
+    aligned = [n for n in kernel.arg_names if types[n].startswith("*") or n.startswith("stride") or n == "T"]
+    return types, {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+
+
+def constexprs_for(head_dim, config):
+    """The kernel's constexprs as a bf16 call on the GPU sets them (also where the interpreter is on: it computes in
+    fp32)."""
+    return {**_meta(torch.bfloat16, head_dim), "COMPUTE": tl.bfloat16, **config.kwargs}
+
+
+def resources(kernel, constexprs, config, arch):
+    types, attrs = signature(kernel, constexprs)
+    compiled = triton.compile(ASTSource(kernel, types, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    return dict(registers=int(re.search(r"REG:(\d+)", usage).group(1)),
+                stack=int(re.search(r"STACK:(\d+)", usage).group(1)), shared=compiled.metadata.shared,
+                async_copies=compiled.asm["ttgir"].count("async_copy_global_to_local"))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("kernels", nargs="*", default=DEFAULT, metavar="MODULE:KERNEL:CONFIGS",
+                   help="a kernel and its per-head-dim config dict (default: attention/triton.py's three)")
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200) or 80 (A100)")
+    args = p.parse_args()
+    for spec in args.kernels:
+        module_name, kernel_name, configs_name = spec.split(":")
+        module = importlib.import_module(module_name)
+        kernel, configs = getattr(module, kernel_name), getattr(module, configs_name)
+        for head_dim, config_list in configs.items():
+            for config in config_list:
+                r = resources(kernel, constexprs_for(head_dim, config), config, args.arch)
+                label = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+                print(f"{kernel_name} D={head_dim} {label} w{config.num_warps} s{config.num_stages} (sm_{args.arch}): "
+                      f"{r['registers']} registers, {r['stack']} B stack{' (spills)' if r['stack'] else ''}, "
+                      f"{r['shared']} B shared, {r['async_copies']} async copies", flush=True)
+
+
+if __name__ == "__main__":
+    main()

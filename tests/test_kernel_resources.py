@@ -1,0 +1,45 @@
+"""scripts/kernel_resources.py against a second path to the same facts: ptxas -v, run on the kernel's PTX. Both run
+in processes without TRITON_INTERPRET (the kernels must be compiled, which the interpreter replaces)."""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+PTXAS_V = """
+import os, subprocess, sys, torch, triton, triton.language as tl
+sys.path.insert(0, {root!r})
+from attention import triton as ta
+kernel, config, D = ta.{kernel}, ta.{configs}[{D}][{i}], {D}
+constexprs = {{**ta._meta(torch.bfloat16, D), **config.kwargs}}
+types = {{n: "constexpr" if n in constexprs else "i32" if n in ("H", "T", "BH", "T_BUCKET") or not n.isupper()
+         else "*fp32" if n in ("LSE", "DELTA") else "*bf16" for n in kernel.arg_names}}
+attrs = {{(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+         if types[n].startswith("*") or n.startswith("stride") or n == "T"}}
+compiled = triton.compile(triton.compiler.ASTSource(kernel, types, constexprs, attrs),
+                          target=triton.backends.compiler.GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+open({ptx!r}, "w").write(compiled.asm["ptx"])
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+print(subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", {ptx!r}, "-o", os.devnull], capture_output=True, text=True,
+                     check=True).stderr)
+"""
+
+
+def test_registers_and_spills_match_ptxas(tmp_path):
+    # A config that fits and one that spills (the D=128 dK/dV kernel at 64x64 with 4 warps).
+    cases = [("_attn_bwd_dq", "DQ_CONFIGS", 64, 0), ("_attn_bwd_dkdv", "DKDV_CONFIGS", 128, 1)]
+    tool = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "kernel_resources.py")], env=ENV, cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    for kernel, configs, D, i in cases:
+        script = PTXAS_V.format(root=ROOT, kernel=kernel, configs=configs, D=D, i=i, ptx=str(tmp_path / "k.ptx"))
+        ptxas = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True,
+                               check=True).stdout
+        registers = int(re.search(r"Used (\d+) registers", ptxas).group(1))
+        spills = int(re.search(r"(\d+) bytes spill stores", ptxas).group(1))
+        line = [ln for ln in tool if ln.startswith(f"{kernel} D={D} ")][i]
+        assert f": {registers} registers, " in line, (line, ptxas)
+        assert ("(spills)" in line) == (spills > 0), (line, ptxas)
+        assert not line.endswith(" 0 async copies"), line  # both kernels' loops are software-pipelined
