@@ -137,6 +137,17 @@ def _rows(base, offs_t, stride_t, offs_d):
 
 
 @triton.jit
+def _key_tile(ptrs, offs_n, T, MASKED: tl.constexpr, COMPUTE: tl.constexpr):
+    """Load a K or V tile. Only the diagonal tiles (MASKED) may run past T: left of the diagonal every key index is
+    < T, and those loads go unmasked."""
+    if MASKED:
+        tile = tl.load(ptrs, mask=offs_n[:, None] < T, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile.to(COMPUTE)
+
+
+@triton.jit
 def _bthd_offset(off_b, off_h, offs_t, offs_d, H, T, HEAD_DIM: tl.constexpr):
     """Offsets of a (rows, HEAD_DIM) tile of the (B, T, H, D)-ordered buffers we allocate (O, dQ, dK, dV): their
     strides follow from the shape, so they are not passed as arguments (fewer arguments, cheaper launches)."""
@@ -151,10 +162,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_t, offs_m, offs_d, lo, h
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = _rows(k_base, offs_n, stride_t, offs_d)
         v_ptrs = _rows(v_base, offs_n, stride_t, offs_d)
-        if MASKED:  # the diagonal tiles may run past T
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0).to(COMPUTE)
-        else:  # left of the diagonal every key index is < T
-            k = tl.load(k_ptrs).to(COMPUTE)
+        k = _key_tile(k_ptrs, offs_n, T, MASKED, COMPUTE)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
             # -inf, not a large negative bias, so bf16/fp16 rounding cannot leak weight through. Keys >= T are
@@ -165,10 +173,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_t, offs_m, offs_d, lo, h
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0).to(COMPUTE)
-        else:
-            v = tl.load(v_ptrs).to(COMPUTE)
+        v = _key_tile(v_ptrs, offs_n, T, MASKED, COMPUTE)
         acc = tl.dot(p.to(COMPUTE), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
@@ -220,12 +225,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_t, offs_m, offs_d, l
         offs_n = start_n + tl.arange(0, BLOCK_N2)
         k_ptrs = _rows(k_base, offs_n, stride_t, offs_d)
         v_ptrs = _rows(v_base, offs_n, stride_t, offs_d)
-        if MASKED:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0).to(COMPUTE)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0).to(COMPUTE)
-        else:
-            k = tl.load(k_ptrs).to(COMPUTE)
-            v = tl.load(v_ptrs).to(COMPUTE)
+        k = _key_tile(k_ptrs, offs_n, T, MASKED, COMPUTE)
+        v = _key_tile(v_ptrs, offs_n, T, MASKED, COMPUTE)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])  # P rebuilt from the stored logsumexp, no max/sum pass
         if MASKED:
