@@ -166,7 +166,9 @@ ORDERED_CONFIGS = {
 }
 MIN_BLOCK_M1 = 16  # the smallest query tile of any config: the counter buffer is sized for it
 
-_LOCKS = {}  # device -> int32 counters, all 0 between calls (each call's last share resets its tile's)
+# device -> int32 counters, all 0 between calls (each call's last share resets its tile's). One buffer per device:
+# two backward calls running at once on two streams would share it, so this backward is for one stream at a time.
+_LOCKS = {}
 
 
 def _locks(device, n):
