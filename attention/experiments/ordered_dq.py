@@ -1,9 +1,10 @@
 """Experiment (kernel notes, v7): the triton backend with a five-matmul backward whose dQ is still deterministic.
 
-Not a backend: `scripts/bench_attention.py --variant ordered=attention/experiments/ordered_dq.py` times it beside
-attention/triton.py. If it measures faster, its kernel replaces that file's dQ and dK/dV kernels (whose structure
-_attn_bwd_ordered repeats, plus the dQ share) and this file goes; if not, it goes. Built and tested on the CPU
-(Triton's interpreter); not yet run on a GPU.
+Not a backend: `scripts/sweep_seq_len.py --variant ordered=attention/experiments/ordered_dq.py` (or
+bench_attention.py, same flag) times it beside attention/triton.py. If it measures faster, its kernel replaces that
+file's dQ and dK/dV kernels (whose structure _attn_bwd_ordered repeats, plus the dQ share) and this file goes; if
+not, it goes. Tested on the CPU (Triton's interpreter) and compiled for sm_90 there (scripts/kernel_resources.py);
+not yet run on a GPU.
 
 Why. attention/triton.py's backward is two kernels that each rebuild S = QKᵀ and dP = dO·Vᵀ (seven matmuls), so that
 no program ever adds into another's output. cuDNN's issues five; per issued FLOP ours is as fast, so the extra two
