@@ -80,8 +80,8 @@ def main(argv=None):
         # (ChildFailedError) and exits 1. Say so, rather than leave a user to read that report as a crash.
         print(f"stopped on request: exit status {STOPPED_EXIT_CODE}; " +
               ("continue with --resume auto" if cfg.checkpoint_interval else "no checkpoint (checkpoint_interval 0)") +
-              ("; torchrun's failure report below (ChildFailedError, exitcode 75) is this stop, not a crash" if ddp
-               else ""), flush=True)
+              (f"; torchrun's failure report below (ChildFailedError, exitcode {STOPPED_EXIT_CODE}) is this stop, "
+               "not a crash" if ddp else ""), flush=True)
     sys.exit(status)
 
 

@@ -121,9 +121,9 @@ def main():
               "ratios_note": "sdpa default's time / triton's time (> 1: triton faster); gpu = summed kernel "
                              "durations (torch profiler), do_bench = median wall time between CUDA events",
               "ratios": ratios, "results": results}
-    path = write_report(record, args.out_dir, "attention_sweep")
-    plot(results, title(record), path.replace(".json", ".png"))
-    print(f"wrote {path.replace('.json', '.png')}")
+    png = write_report(record, args.out_dir, "attention_sweep")[:-len(".json")] + ".png"
+    plot(results, title(record), png)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":
