@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from attention import triton as base
-from attention.triton import _NOT_SPECIALIZED, _batch_head, _bthd, _bthd_offset, _configs, _dkdv_ok, _launch, _rows
+from attention.triton import (_NOT_SPECIALIZED, _batch_head, _bthd, _bthd_offset, _configs, _dkdv_ok, _key_block,
+                              _launch, _rows)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -128,20 +129,10 @@ def _attn_bwd_ordered(Q, K, V, DO, DQ, DQ_ACC, DK, DV, LSE, DELTA, LOCKS, stride
     n_blocks = tl.num_programs(0)
     j = n_blocks - 1 - tl.program_id(0)  # highest key block first: see the module docstring
     start_n = j * BLOCK_N1
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N1)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < T
+    off_b, off_h, offs_n, offs_d, col_ok, k, v, q_base, do_base, lse_base, delta_base = _key_block(
+        Q, K, V, DO, LSE, DELTA, off_bh, start_n, stride_b, stride_h, stride_t, stride_dob, stride_doh, H, T,
+        HEAD_DIM, BLOCK_N1, COMPUTE)
     qk_scale = SM_SCALE * 1.4426950408889634
-
-    qkv_offset = off_b * stride_b + off_h * stride_h
-    k = tl.load(_rows(K + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
-    v = tl.load(_rows(V + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
-    q_base = Q + qkv_offset
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
-    lse_base = LSE + off_bh.to(tl.int64) * T
-    delta_base = DELTA + off_bh.to(tl.int64) * T
 
     dk = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
@@ -207,14 +198,8 @@ def _(do, q, k, v, o, lse):
     return _bthd(q), _bthd(k), _bthd(v)
 
 
-class _FlashAttention(torch.autograd.Function):
+class _FlashAttention(base._FlashAttention):
     """attention/triton.py's forward with this backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        o, lse = base._fwd_op(q, k, v) if torch.compiler.is_compiling() else base.attention_forward(q, k, v)
-        ctx.save_for_backward(q, k, v, o, lse)
-        return o
 
     @staticmethod
     def backward(ctx, do):
