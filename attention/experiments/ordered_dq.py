@@ -89,7 +89,7 @@ def _query_tile(q_base, do_base, lse_base, delta_base, start_m, stride_t, stride
 def _ordered_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DQ, DQ_ACC, LOCKS, stride_t, stride_dot,
                    offs_n, offs_d, off_b, off_h, j, n_blocks, lo, hi, H, T, qk_scale,
                    HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr,
-                   MASKED: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+                   MASKED: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ORDERED: tl.constexpr):
     # attention/triton.py's _dkdv_inner plus the dQ share of each query tile. Triton does not software-pipeline a
     # loop that holds an atomic (seen in its sm_90 output: no async copies), so the next tile's loads are issued by
     # hand before this tile's dots, and arrive while they run.
@@ -109,17 +109,20 @@ def _ordered_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DQ, DQ_A
         dsT = (pT * (dpT - delta[None, :])).to(COMPUTE)
         dk = tl.dot(dsT, q, dk, input_precision=PRECISION)
         dq_share = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)
-        j_last = tl.minimum((start_m + BLOCK_M1 - 1) // BLOCK_N1, n_blocks - 1)  # the tile's diagonal block
-        locks = LOCKS + (off_b * H + off_h) * tl.cdiv(T, BLOCK_M1) + start_m // BLOCK_M1
-        _add_dq_share(dq_share, DQ, DQ_ACC, locks, j, j_last,
-                      _bthd_offset(off_b, off_h, offs_m, offs_d, H, T, HEAD_DIM), offs_m < T, SM_SCALE)
+        bthd = _bthd_offset(off_b, off_h, offs_m, offs_d, H, T, HEAD_DIM)
+        if ORDERED:
+            j_last = tl.minimum((start_m + BLOCK_M1 - 1) // BLOCK_N1, n_blocks - 1)  # the tile's diagonal block
+            locks = LOCKS + (off_b * H + off_h) * tl.cdiv(T, BLOCK_M1) + start_m // BLOCK_M1
+            _add_dq_share(dq_share, DQ, DQ_ACC, locks, j, j_last, bthd, offs_m < T, SM_SCALE)
+        else:  # atomics: the adds land in any order (fp32 sums not bitwise repeatable)
+            tl.atomic_add(DQ_ACC + bthd, dq_share, mask=(offs_m < T)[:, None], sem="relaxed")
         q, do, lse, delta = next_q, next_do, next_lse, next_delta
     return dk, dv
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_bwd_ordered(Q, K, V, DO, DQ, DQ_ACC, DK, DV, LSE, DELTA, LOCKS, stride_b, stride_h, stride_t, stride_dob,
-                      stride_doh, stride_dot, H, T, BH, T_BUCKET,
+                      stride_doh, stride_dot, ORDERED: tl.constexpr, H, T, BH, T_BUCKET,
                       HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr,
                       COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_N1 % BLOCK_M1 == 0, "the diagonal tile must split into whole BLOCK_M1 tiles")
@@ -139,10 +142,10 @@ def _attn_bwd_ordered(Q, K, V, DO, DQ, DQ_ACC, DK, DV, LSE, DELTA, LOCKS, stride
     diag_end = tl.minimum(start_n + BLOCK_N1, T)
     dk, dv = _ordered_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DQ, DQ_ACC, LOCKS, stride_t,
                             stride_dot, offs_n, offs_d, off_b, off_h, j, n_blocks, start_n, diag_end, H, T, qk_scale,
-                            HEAD_DIM, SM_SCALE, BLOCK_N1, BLOCK_M1, True, COMPUTE, PRECISION)
+                            HEAD_DIM, SM_SCALE, BLOCK_N1, BLOCK_M1, True, COMPUTE, PRECISION, ORDERED)
     dk, dv = _ordered_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DQ, DQ_ACC, LOCKS, stride_t,
                             stride_dot, offs_n, offs_d, off_b, off_h, j, n_blocks, diag_end, T, H, T, qk_scale,
-                            HEAD_DIM, SM_SCALE, BLOCK_N1, BLOCK_M1, False, COMPUTE, PRECISION)
+                            HEAD_DIM, SM_SCALE, BLOCK_N1, BLOCK_M1, False, COMPUTE, PRECISION, ORDERED)
     dk *= SM_SCALE
     bthd = _bthd_offset(off_b, off_h, offs_n, offs_d, H, T, HEAD_DIM)
     tl.store(DK + bthd, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -169,8 +172,8 @@ def _locks(device, n):
     return _LOCKS[device]
 
 
-def attention_backward(do, q, k, v, o, lse, config=None):
-    """Returns (dq, dk, dv), as attention/triton.py's attention_backward."""
+def attention_backward(do, q, k, v, o, lse, config=None, ordered=True):
+    """Returns (dq, dk, dv), as attention/triton.py's attention_backward. ordered=False: dQ shares added by atomics."""
     B, H, T, D = q.shape
     q, k, v = base._unit_stride(q, k, v)
     if do.stride(-1) != 1:
@@ -178,12 +181,15 @@ def attention_backward(do, q, k, v, o, lse, config=None):
     if o.stride() != base._bthd_strides(o):
         o = _bthd(o).copy_(o)
     dq, dk, dv = _bthd(q), _bthd(k), _bthd(v)
-    dq_acc = torch.empty_strided(q.shape, base._bthd_strides(q), dtype=torch.float32, device=q.device)
+    dq_acc = (torch.empty_like if ordered else torch.zeros_like)(dq, dtype=torch.float32)
     delta = torch.empty_like(lse)
     locks = _locks(q.device, B * H * triton.cdiv(T, MIN_BLOCK_M1))
     _launch(_attn_bwd_delta, DELTA_CONFIGS, None, "BLOCK", B, H, T, (o, do, delta, *do.stride()[:3], H, T), q.dtype, D)
     _launch(_attn_bwd_ordered, ORDERED_CONFIGS, config, "BLOCK_N1", B, H, T,
-            (q, k, v, do, dq, dq_acc, dk, dv, lse, delta, locks, *q.stride()[:3], *do.stride()[:3], H, T), q.dtype, D)
+            (q, k, v, do, dq, dq_acc, dk, dv, lse, delta, locks, *q.stride()[:3], *do.stride()[:3], int(ordered), H, T),
+            q.dtype, D)
+    if not ordered:
+        dq = (dq_acc * D**-0.5).to(q.dtype)
     return dq, dk, dv
 
 
