@@ -140,14 +140,18 @@ def use_kernel(h):
     return h.is_cuda and cross_entropy is not None
 
 
-def _loss_and_grads(h, weight, targets, chunk, with_grad):
-    """The mean cross-entropy of the logits h @ weightᵀ and, with_grad, its gradients for h and weight, `chunk` rows
-    at a time. A chunk's logits come out of the matmul in its dtype (bf16 under autocast); logsumexp and loss are in
-    fp32. Their gradient, (softmax - onehot) / N, is turned at once into the chunk's rows of grad_h and added to
-    grad_weight (fp32), so it is never stored for more than one chunk. On a GPU with Triton the loss and gradient
-    of a chunk come from a kernel that reads its logits from memory once (cross_entropy.py)."""
+def _compute_dtype(h):
+    """The dtype of the chunks' logits: autocast's (bf16) where it is on, else h's."""
     device = h.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+
+
+def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad):
+    """The mean cross-entropy of the logits h @ weightᵀ and, with_grad, its gradients for h and weight, `chunk` rows
+    at a time. A chunk's logits come out of the matmul in `dtype`; logsumexp and loss are in fp32. Their gradient,
+    (softmax - onehot) / N, is turned at once into the chunk's rows of grad_h and added to grad_weight (fp32), so it
+    is never stored for more than one chunk. On a GPU with Triton the loss and gradient of a chunk come from a
+    kernel that reads its logits from memory once (cross_entropy.py)."""
     w = weight.to(dtype)  # cast once, not once per matmul as autocast would
     n = targets.numel()
     kernel = with_grad and use_kernel(h)
@@ -167,28 +171,43 @@ def _loss_and_grads(h, weight, targets, chunk, with_grad):
     return loss / n, (torch.cat(grad_h) if with_grad else None), grad_w
 
 
+# One opaque op for torch.compile. Traced through, the loop above is split by the partitioner: only the loss is
+# needed in the forward, so it moves the two gradient matmuls into the backward graph and keeps, for them, every
+# chunk's gradient of the logits: the whole (B·T, V) block the chunking exists to avoid (6 GiB at the full config).
+@torch.library.custom_op("gpt2::lm_head_loss_and_grads", mutates_args=())
+def _lm_head_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, grad_h, grad_w = _loss_and_grads(h, weight, targets, chunk, dtype, with_grad=True)
+    return loss, grad_h, grad_w.to(weight.dtype)
+
+
+@_lm_head_loss_and_grads.register_fake
+def _(h, weight, targets, chunk, dtype):
+    return h.new_empty((), dtype=torch.float32), torch.empty_like(h), torch.empty_like(weight)
+
+
 class FusedLMHeadLoss(torch.autograd.Function):
     """The gradients are computed in the forward, chunk by chunk, where the logits are at hand; backward only scales
     them by the loss's incoming gradient."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):
-        loss, grad_h, grad_w = _loss_and_grads(h, weight, targets, chunk, with_grad=True)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+    def forward(ctx, h, weight, targets, chunk, dtype):
+        loss, grad_h, grad_w = _lm_head_loss_and_grads(h, weight, targets, chunk, dtype)
+        ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
 
 
 def fused_lm_head_loss(h, weight, targets, chunk):
     """F.cross_entropy(h @ weight.t(), targets) for h (N, C), weight (V, C), targets (N,), computed `chunk` rows at a
     time; the gradient work is done only when autograd needs it (not under no_grad)."""
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return FusedLMHeadLoss.apply(h, weight, targets, chunk)
-    return _loss_and_grads(h, weight, targets, chunk, with_grad=False)[0]
+        return FusedLMHeadLoss.apply(h, weight, targets, chunk, _compute_dtype(h))
+    return _loss_and_grads(h, weight, targets, chunk, _compute_dtype(h), with_grad=False)[0]
 
 
 class GPT(nn.Module):

@@ -24,6 +24,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch._functorch.config  # activation_memory_budget, read by torch.compile
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -114,6 +115,8 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
     bf16 = BF16Params(raw_model) if cfg.bf16_params else None
     model, step_autocast = (bf16.model, nullcontext()) if bf16 else (raw_model, autocast)
     if cfg.compile:
+        # Read when the graph is partitioned (at the first step), not here: one budget per process.
+        torch._functorch.config.activation_memory_budget = cfg.activation_memory_budget
         model = torch.compile(model, fullgraph=True, mode=cfg.compile_mode)
     compiled = model  # evaluation calls this one: DDP's wrapper is for training steps
     if ddp:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import GPT, GPTConfig, fused_lm_head_loss
+from training.precision import BF16Params
 
 TINY = dict(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
 
@@ -164,3 +165,38 @@ def test_kernel_in_bf16_equals_cross_entropy_in_fp64():
     expected_grad = (torch.softmax(x, 1) - F.one_hot(targets, 50304).double()) / 300
     torch.testing.assert_close(loss.double(), expected, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(grad.double(), expected_grad, atol=1e-12, rtol=2 ** -8)
+
+
+def saved_for_backward(model, idx):
+    """The tensors the compiled training step keeps for its backward: the outputs of the forward graph that Inductor's
+    partitioner (min-cut rematerialisation) cuts from the joint graph, beyond the loss itself."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    saved = []
+
+    def forward_compiler(gm, example_inputs):
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        saved.extend(o.meta["val"] for o in outputs[1:] if o is not None and isinstance(o.meta.get("val"), torch.Tensor))
+        return gm
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: gm,
+                           partition_fn=min_cut_rematerialization_partition)
+    torch._dynamo.reset()
+    _, loss = torch.compile(model, fullgraph=True, backend=backend)(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    return saved
+
+
+def test_compiled_step_keeps_no_logits_for_backward():
+    # Traced through, the chunk loop gave the partitioner the choice of where the gradient matmuls run: it put them in
+    # the backward and kept every chunk's (rows, V) logits gradient for them, the whole (B·T, V) block again.
+    # It does so where a chunk's logits gradient is smaller than the weight's gradient: chunks of fewer rows than
+    # n_embd, as here (32 < 64; seen with bf16 parameters). At the full config's 16384 rows it did not.
+    V = 1000  # larger than every other dimension here, so a saved tensor with V columns is a logits-sized one
+    model = GPT(GPTConfig(block_size=64, vocab_size=V, n_layer=2, n_head=2, n_embd=64, loss_chunk=32))
+    idx = torch.randint(0, V, (2, 65), generator=torch.Generator().manual_seed(0))
+    saved = saved_for_backward(BF16Params(model).model, idx)
+    assert saved  # the layer's activations are there
+    logits_like = [tuple(t.shape) for t in saved if t.dim() == 2 and t.shape[1] == V]
+    assert not logits_like, f"kept for backward: {logits_like} (chunks of the logits or their gradient)"

@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
     compile: bool = True  # torch.compile the whole model (fullgraph=True)
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
+    activation_memory_budget: float = 1.0  # torch.compile: below 1, keep that share of the activations for backward, recompute the rest (elementwise)
     bf16_params: bool = False  # bf16 parameters, gradients and activations, AdamW on fp32 masters (training/precision.py)
     dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before the run fails
     seed: int = 1337  # random seed of the initialisation and the samples
@@ -201,6 +202,9 @@ def validate(cfg):
         raise ConfigError(f"need 0 < learning_rate and 0 <= min_lr <= learning_rate, got {cfg.learning_rate}, {cfg.min_lr}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"compile_mode {cfg.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if not 0 < cfg.activation_memory_budget <= 1:
+        raise ConfigError(f"activation_memory_budget must be in (0, 1], got {cfg.activation_memory_budget}; 1: keep all "
+                          "activations torch.compile's partitioner chooses, e.g. 0.8: recompute the cheapest fifth")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"lr_schedule {cfg.lr_schedule!r}: choose constant or cosine")
     for key in ("total_batch_size", "warmup_steps", "eval_interval", "checkpoint_interval", "timing_warmup",
