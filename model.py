@@ -4,10 +4,12 @@ The only thing that varies between runs of the step-49 experiment is `GPTConfig.
 function (see attention/) that turns q, k, v into the attention output.
 """
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from attention import get_attention
 
@@ -26,6 +28,7 @@ class GPTConfig:
     n_embd: int = 768
     attention: str = "sdpa"  # naive | sdpa | triton
     loss_chunk: int = 0  # rows per chunk of the fused LM head + cross-entropy (fused_lm_head_loss); 0: plain logits
+    recompute_gelu: bool = False  # keep only the MLP's input to GELU for backward and recompute GELU there (less memory)
 
 
 # OpenAI's checkpoint (and so transformers' GPT-2) uses Conv1D modules, whose weights are the transpose of nn.Linear's.
@@ -99,9 +102,27 @@ class MLP(nn.Module):
         self.gelu = nn.GELU(approximate="tanh")  # the approximation GPT-2 was trained with
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE = True
+        self.recompute_gelu = config.recompute_gelu
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        h = self.c_fc(x)
+        if self.recompute_gelu and torch.is_grad_enabled():
+            # GELU's output, (B, T, 4C), is the largest activation backward needs (c_proj's weight gradient reads it);
+            # here it is dropped after the forward and made again from h in the backward: one elementwise pass.
+            return checkpoint(self._gelu_proj, h, use_reentrant=False, context_fn=_KEEP_MATMULS)
+        return self._gelu_proj(h)
+
+    def _gelu_proj(self, h):
+        return self.c_proj(self.gelu(h))
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    """Selective checkpointing's policy for recompute_gelu: matmul outputs are kept, never recomputed."""
+    return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+_KEEP_MATMULS = partial(create_selective_checkpoint_contexts, _keep_matmuls)
 
 
 class Block(nn.Module):

@@ -109,3 +109,36 @@ def test_flops_per_token_matches_pytorch_flop_counter():
     with FlopCounterMode(display=False) as counter:
         model(idx, idx)[1].backward()
     assert counter.get_total_flops() == model.flops_per_token(24) * 3 * 24
+
+
+def loss_and_grads(model, idx, compile=False):
+    forward = torch.compile(model, fullgraph=True) if compile else model
+    _, loss = forward(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_recompute_gelu_trains_like_the_plain_model(compile):
+    # The same arithmetic in the same order, only some of it done twice: equal to fp32 rounding.
+    idx = torch.randint(0, 101, (3, 33), generator=torch.Generator().manual_seed(0))
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        results.append(loss_and_grads(GPT(GPTConfig(**TINY, recompute_gelu=recompute)), idx, compile))
+    (loss, grads), (loss_r, grads_r) = results
+    torch.testing.assert_close(loss_r, loss, atol=1e-6, rtol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads_r[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_recompute_gelu_keeps_one_4c_activation_per_layer_for_backward():
+    from test_fused_loss import saved_for_backward  # what the compiled step keeps, as Inductor partitions it
+
+    def kept_4c(recompute):
+        model = GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=2, n_head=2, n_embd=64, recompute_gelu=recompute))
+        idx = torch.randint(0, 1000, (2, 65), generator=torch.Generator().manual_seed(0))
+        return [t for t in saved_for_backward(model, idx) if tuple(t.shape[-1:]) == (256,) and t.numel() == 2 * 64 * 256]
+
+    assert len(kept_4c(False)) == 4  # per layer: c_fc's output (GELU's input) and GELU's output
+    assert len(kept_4c(True)) == 2  # per layer: GELU's input only
