@@ -2,7 +2,7 @@
 shared memory, and whether Triton software-pipelined its loops.
 
     python scripts/kernel_resources.py                       # attention/triton.py's three kernels, every config
-    python scripts/kernel_resources.py attention.experiments.ordered_dq:_attn_bwd_ordered:ORDERED_CONFIGS --arch 90
+    python scripts/kernel_resources.py attention.triton:_attn_bwd_dq:DQ_CONFIGS --arch 80   # one kernel, for the A100
 
 Each kernel is compiled for the target architecture with Triton's own compiler and ptxas (`triton.compile` with a
 GPUTarget, no driver needed), bf16, at each head dim of its config list, with the integer arguments that the

@@ -2,7 +2,7 @@
 
     python scripts/sweep_seq_len.py            # writes out/attention_sweep_<gpu>.json and .png (--out_dir results: the repo's)
     python scripts/sweep_seq_len.py --replot   # redraws the .png from the .json, measuring nothing
-    python scripts/sweep_seq_len.py --variant ordered=attention/experiments/ordered_dq.py   # a kernel experiment too
+    python scripts/sweep_seq_len.py --variant v2=path/to/other_triton.py   # a kernel experiment beside the backends
 
 T from 512 to 16384 with B·T fixed at 16384 tokens and H·D at 768 (D=64 with H=12, D=128 with H=6; bf16, causal),
 so every point holds the same tokens and attention's cost per token grows with T. Attention FLOPs (∝ B·T²) then

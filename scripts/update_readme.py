@@ -57,6 +57,10 @@ def full_training_block():
     return "\n".join(comparison_block("gpt2_124m_short"))
 
 
+def long_context_block():
+    return "\n".join(comparison_block("long_context"))
+
+
 def scaling_block():
     out = []
     for path in sorted(glob.glob(os.path.join(ROOT, "results", "scaling_*.json"))):
@@ -142,26 +146,36 @@ def sample_speed_block():
 
 
 # The profiles of TRAINING_NOTES.md's levers, in the order they were added: tag -> what the run had on.
-PROFILES = [("chunk0", "plain (before)"), ("chunk8192", "+ fused loss, 8192-row chunks"), ("loader", "+ pinned loader"),
-            ("bf16", "+ bf16_params"), ("chunk16k", "+ 16384-row chunks"),
-            # a later device call: the same configuration measured again, then with the cross-entropy kernel
-            ("before_ce", "the same, later call"), ("ce_kernel", "+ cross-entropy kernel (the config)")]
+# One table per GPU, one column per profile (results/profile_gpt2_124m_short_<tag>_<gpu>.json), in this order.
+PROFILES = {
+    "h100": [("chunk0", "plain (before)"), ("chunk8192", "+ fused loss, 8192-row chunks"), ("loader", "+ pinned loader"),
+             ("bf16", "+ bf16_params"), ("chunk16k", "+ 16384-row chunks"),
+             # a later device call: the same configuration measured again, then with the cross-entropy kernel
+             ("before_ce", "the same, later call"), ("ce_kernel", "+ cross-entropy kernel")],
+    "h200": [("before", "the above"), ("lossop", "+ loss as one op"), ("budget08", "+ activation_memory_budget 0.8"),
+             # the next device call: the loss-op column measured again, then with recompute_gelu
+             ("lossop_again", "+ loss as one op, next call"), ("gelu", "+ recompute_gelu (the config)")],
+}
 
 
 def profile_block():
     """GPU time per step by category (scripts/profile_step.py), one column per lever, for the full config."""
-    reports = [(label, load(path)) for tag, label in PROFILES
-               for path in glob.glob(os.path.join(ROOT, "results", f"profile_gpt2_124m_short_{tag}_*.json"))]
-    if not reports:
-        return ""
-    categories = list(reports[0][1]["profile"]["categories"])
-    cell = lambda r, c: f"{r['profile']['categories'][c]['ms']:.0f}" if c in r["profile"]["categories"] else "–"
-    out = ["| ms per step | " + " | ".join(label for label, _ in reports) + " |", "|---" + "|---:" * len(reports) + "|"]
-    out += [f"| {c} | " + " | ".join(cell(r, c) for _, r in reports) + " |" for c in categories]
-    out += ["| GPU idle | " + " | ".join(f"{r['profile']['gpu_idle_ms_per_step']:.0f}" for _, r in reports) + " |",
-            "| **step (trainer's mean)** | " + " | ".join(f"**{r['mean_ms']:.0f}**" for _, r in reports) + " |",
-            "| peak memory (GiB) | " + " | ".join(f"{r['peak_mem_gib']:.1f}" for _, r in reports) + " |",
-            "", f"<sub>{provenance(reports[-1][1])}</sub>"]
+    out = []
+    for gpu, columns in PROFILES.items():
+        reports = [(label, load(path)) for tag, label in columns
+                   for path in glob.glob(os.path.join(ROOT, "results", f"profile_gpt2_124m_short_{tag}_{gpu}.json"))]
+        if not reports:
+            continue
+        categories = list(dict.fromkeys(c for _, r in reports for c in r["profile"]["categories"]))
+        cell = lambda r, c: f"{r['profile']['categories'][c]['ms']:.0f}" if c in r["profile"]["categories"] else "–"
+        out += [f"**{reports[0][1]['gpu']}**", "",
+                "| ms per step | " + " | ".join(label for label, _ in reports) + " |",
+                "|---" + "|---:" * len(reports) + "|"]
+        out += [f"| {c} | " + " | ".join(cell(r, c) for _, r in reports) + " |" for c in categories]
+        out += ["| GPU idle | " + " | ".join(f"{r['profile']['gpu_idle_ms_per_step']:.0f}" for _, r in reports) + " |",
+                "| **step (trainer's mean)** | " + " | ".join(f"**{r['mean_ms']:.0f}**" for _, r in reports) + " |",
+                "| peak memory (GiB) | " + " | ".join(f"{r['peak_mem_gib']:.1f}" for _, r in reports) + " |",
+                "", f"<sub>{provenance(reports[-1][1])}</sub>", ""]
     return "\n".join(out)
 
 
@@ -169,7 +183,7 @@ def main():
     path = os.path.join(ROOT, "README.md")
     text = original = open(path).read()
     for name, block in (("step49", step49_block), ("full_training", full_training_block), ("scaling", scaling_block),
-                        ("attention_bench", bench_block), ("seq_len_sweep", sweep_block),
+                        ("attention_bench", bench_block), ("seq_len_sweep", sweep_block), ("long_context", long_context_block),
                         ("sample_speed", sample_speed_block), ("profile", profile_block)):
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
         if not pattern.search(text):

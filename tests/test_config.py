@@ -36,6 +36,9 @@ def test_messages_name_the_one_wrong_thing():
         load_config(["--keep_last", "0"])
     with pytest.raises(ConfigError, match=r"compile must be true or false \(also 1/0, yes/no, on/off\), got 'maybe'"):
         load_config(["--compile", "maybe"])
+    for budget in ("0", "1.5"):
+        with pytest.raises(ConfigError, match=rf"^activation_memory_budget must be in \(0, 1\], got {float(budget)}; "):
+            load_config(["--activation_memory_budget", budget])
 
 
 def test_wrong_types_name_the_field():

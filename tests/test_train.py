@@ -97,14 +97,16 @@ def test_triton_without_a_gpu_or_interpreter_fails_before_training(data_dir, tmp
 
 
 def test_speed_settings_train_like_the_plain_path(tmp_path):
-    """bf16 parameters (fp32 masters) and the fused, chunked loss against the plain path: the same losses within
-    bf16's precision, and checkpoints that still hold fp32 parameters."""
+    """Every speed and memory setting (bf16 parameters with fp32 masters, the fused chunked loss, GELU recomputed,
+    compiled with a memory budget) against the plain path: the same losses within bf16's precision, and checkpoints
+    that still hold fp32 parameters."""
     start = np.random.default_rng(0).integers(0, 128, 400)
     write_shard(tmp_path / "count_train_000000.bin", (start[:, None] + np.arange(16)).ravel() % 128)  # learnable
     common = [f"--data_dir={tmp_path}", "--max_steps=6", "--batch_size=4", "--checkpoint_interval=6",
               "--learning_rate=0.01"]
     plain = train(*common, f"--out_dir={tmp_path / 'plain'}")
-    fast = train(*common, "--bf16_params", "--loss_chunk=24", f"--out_dir={tmp_path / 'fast'}")  # 64 rows: 24+24+16
+    fast = train(*common, "--bf16_params", "--loss_chunk=24", "--recompute_gelu", "--compile",  # 64 rows: 24+24+16
+                 "--activation_memory_budget=0.8", f"--out_dir={tmp_path / 'fast'}")
     assert plain.returncode == 0 and fast.returncode == 0, plain.stderr + fast.stderr
     plain_loss = [r["loss"] for r in read_metrics(tmp_path / "plain")]
     fast_loss = [r["loss"] for r in read_metrics(tmp_path / "fast")]
