@@ -192,9 +192,10 @@ def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad):
     return loss / n, (torch.cat(grad_h) if with_grad else None), grad_w
 
 
-# One opaque op for torch.compile. Traced through, the loop above is split by the partitioner: only the loss is
-# needed in the forward, so it moves the two gradient matmuls into the backward graph and keeps, for them, every
-# chunk's gradient of the logits: the whole (B·T, V) block the chunking exists to avoid (6 GiB at the full config).
+# One opaque op for torch.compile. Traced through, the loop above is the partitioner's to split: only the loss is
+# needed in the forward, and where a chunk has fewer rows than n_embd it moves the two gradient matmuls into the
+# backward and keeps every chunk's logits gradient for them, the (B·T, V) block the chunking exists to avoid. At the
+# full config it keeps the matmuls, yet the step holds 2.8 GiB more than with the op (TRAINING_NOTES.md, lever 12).
 @torch.library.custom_op("gpt2::lm_head_loss_and_grads", mutates_args=())
 def _lm_head_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

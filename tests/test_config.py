@@ -39,6 +39,8 @@ def test_messages_name_the_one_wrong_thing():
     for budget in ("0", "1.5"):
         with pytest.raises(ConfigError, match=rf"^activation_memory_budget must be in \(0, 1\], got {float(budget)}; "):
             load_config(["--activation_memory_budget", budget])
+    with pytest.raises(ConfigError, match=r"^activation_memory_budget 0.8 needs torch.compile .*set --compile true"):
+        load_config(["--activation_memory_budget", "0.8", "--compile", "false"])
 
 
 def test_wrong_types_name_the_field():

@@ -205,6 +205,9 @@ def validate(cfg):
     if not 0 < cfg.activation_memory_budget <= 1:
         raise ConfigError(f"activation_memory_budget must be in (0, 1], got {cfg.activation_memory_budget}; 1: keep all "
                           "activations torch.compile's partitioner chooses, e.g. 0.8: recompute the cheapest fifth")
+    if cfg.activation_memory_budget < 1 and not cfg.compile:
+        raise ConfigError(f"activation_memory_budget {cfg.activation_memory_budget} needs torch.compile (its partitioner "
+                          "does the recomputing): set --compile true, or leave the budget at 1")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"lr_schedule {cfg.lr_schedule!r}: choose constant or cosine")
     for key in ("total_batch_size", "warmup_steps", "eval_interval", "checkpoint_interval", "timing_warmup",
