@@ -48,10 +48,11 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, grad_ptr, loss_ptr, V, stride
 
 
 def launch(logits, targets, scale, block=BLOCK_V, num_warps=NUM_WARPS):
-    """The kernel on logits (N, V) with contiguous rows; the launch settings are arguments for the benchmark."""
+    """The kernel on logits (N, V) with unit-stride rows (the gradient gets their layout); the launch settings are
+    arguments for the benchmark."""
     n, vocab = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    grad = torch.empty_like(logits)
+    grad = _like(logits)
     _cross_entropy_kernel[(n,)](logits, targets, grad, loss, vocab, logits.stride(0), scale,
                                 BLOCK_V=min(block, triton.next_power_of_2(vocab)), num_warps=num_warps)
     return loss, grad
@@ -61,9 +62,14 @@ def launch(logits, targets, scale, block=BLOCK_V, num_warps=NUM_WARPS):
 def loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """For logits (N, V) and targets (N,): each row's loss (fp32, (N,)) and the gradient (softmax - onehot) * scale
     in the logits' dtype."""
-    return launch(logits.contiguous(), targets, scale)  # contiguous(): a no-op for the matmul's output
+    return launch(logits if logits.stride(1) == 1 else logits.contiguous(), targets, scale)
+
+
+def _like(logits):
+    """An empty tensor with the logits' strides: rows padded for alignment (model._aligned_rows) stay padded."""
+    return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
 
 
 @loss_and_grad.register_fake
 def _(logits, targets, scale):
-    return logits.new_empty(logits.size(0), dtype=torch.float32), torch.empty_like(logits)
+    return logits.new_empty(logits.size(0), dtype=torch.float32), _like(logits)

@@ -200,3 +200,20 @@ def test_compiled_step_keeps_no_logits_for_backward():
     assert saved  # the layer's activations are there
     logits_like = [tuple(t.shape) for t in saved if t.dim() == 2 and t.shape[1] == V]
     assert not logits_like, f"kept for backward: {logits_like} (chunks of the logits or their gradient)"
+
+
+def test_logits_rows_start_16_byte_aligned_for_an_odd_vocabulary(monkeypatch):
+    # The op runs its matmuls eagerly, where Inductor's padding of odd shapes does not reach them; cuBLAS's fast
+    # kernels need leading dimensions that are multiples of 16 bytes, and GPT-2's 50,257 bf16 logits are not.
+    import model
+    row_bytes, real = [], model.loss_and_grad
+
+    def spy(logits, targets, scale=None):
+        row_bytes.append(logits.stride(0) * logits.element_size())
+        return real(logits, targets, scale)
+
+    monkeypatch.setattr(model, "loss_and_grad", spy)
+    for dtype in (torch.bfloat16, torch.float32):
+        h, weight = torch.randn(37, 16, dtype=dtype), torch.randn(101, 16, dtype=dtype)
+        fused(h, weight, torch.randint(0, 101, (37,)), 16)
+    assert len(row_bytes) == 6 and all(b % 16 == 0 for b in row_bytes), row_bytes
