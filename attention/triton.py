@@ -300,26 +300,6 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t, s
     return dk, dv
 
 
-@triton.jit
-def _key_block(Q, K, V, DO, LSE, DELTA, off_bh, start_n, stride_b, stride_h, stride_t, stride_dob, stride_doh, H, T,
-               HEAD_DIM: tl.constexpr, BLOCK_N1: tl.constexpr, COMPUTE: tl.constexpr):
-    """A backward program's key block: its K and V rows (kept in registers), and where its batch·head's Q, dO, lse
-    and delta start."""
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N1)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < T
-    qkv_offset = off_b * stride_b + off_h * stride_h
-    k = tl.load(_rows(K + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
-    v = tl.load(_rows(V + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
-    q_base = Q + qkv_offset
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
-    lse_base = LSE + off_bh.to(tl.int64) * T
-    delta_base = DELTA + off_bh.to(tl.int64) * T
-    return off_b, off_h, offs_n, offs_d, col_ok, k, v, q_base, do_base, lse_base, delta_base
-
-
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, stride_b, stride_h, stride_t, stride_dob, stride_doh, stride_dot,
                    H, T, BH, T_BUCKET,
@@ -330,10 +310,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, stride_b, stride_h, stride_t
     if off_bh >= BH:  # past the end of a folded grid
         return
     start_n = tl.program_id(0) * BLOCK_N1  # low key tiles see the most queries and are launched first anyway
-    off_b, off_h, offs_n, offs_d, col_ok, k, v, q_base, do_base, lse_base, delta_base = _key_block(
-        Q, K, V, DO, LSE, DELTA, off_bh, start_n, stride_b, stride_h, stride_t, stride_dob, stride_doh, H, T,
-        HEAD_DIM, BLOCK_N1, COMPUTE)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < T
     qk_scale = SM_SCALE * 1.4426950408889634
+
+    qkv_offset = off_b * stride_b + off_h * stride_h
+    k = tl.load(_rows(K + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
+    v = tl.load(_rows(V + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
+    q_base = Q + qkv_offset
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    lse_base = LSE + off_bh.to(tl.int64) * T
+    delta_base = DELTA + off_bh.to(tl.int64) * T
 
     dk = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
