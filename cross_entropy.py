@@ -62,7 +62,12 @@ def launch(logits, targets, scale, block=BLOCK_V, num_warps=NUM_WARPS):
 def loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """For logits (N, V) and targets (N,): each row's loss (fp32, (N,)) and the gradient (softmax - onehot) * scale
     in the logits' dtype."""
-    return launch(logits if logits.stride(1) == 1 else logits.contiguous(), targets, scale)
+    return launch(_unit_stride_rows(logits), targets, scale)
+
+
+def _unit_stride_rows(logits):
+    """The logits as the kernel reads them: rows of unit stride, padded rows (model._aligned_rows) left as they are."""
+    return logits if logits.stride(1) == 1 else logits.contiguous()
 
 
 def _like(logits):
@@ -72,4 +77,4 @@ def _like(logits):
 
 @loss_and_grad.register_fake
 def _(logits, targets, scale):
-    return logits.new_empty(logits.size(0), dtype=torch.float32), _like(logits)
+    return logits.new_empty(logits.size(0), dtype=torch.float32), _like(_unit_stride_rows(logits))
