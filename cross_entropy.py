@@ -7,13 +7,15 @@ with target t, the loss and the gradient of the loss's mean over all N rows:
 
 One program per row, in tiles of BLOCK_V columns: a first pass keeps a running max m_i and sum l_i of exp(x - m_i)
 per lane (online softmax, combined across lanes at the end), a second pass writes exp(x - lse) - onehot. The row
-(50,304 logits, 100 KB in bf16) is read twice and its gradient written once. Inductor compiles the same torch code
+(50,304 logits, 100 KB in bf16) is read twice and its gradient written once. With GPTConfig.fp8_lm_head the second
+pass also writes (softmax - onehot) * fp8_scale in float8_e4m3 for the FP8 matmul grad_h = grad @ W: one more byte
+per logit instead of a separate cast pass over the gradient. Inductor compiles the same torch code
 (model.loss_and_grad) into one kernel as well; on the H100, for a chunk of 16,384 rows, that one takes 2.32 ms and
 this one 1.66 ms, tuned over tile width and warps (scripts/bench_cross_entropy.py, results/cross_entropy_h100.json).
 A first version that held a whole row in registers, to read it only once, took 4.05 ms: it spills.
 
-The op is an opaque torch.library.custom_op, so torch.compile calls it as it is (fullgraph, no breaks). Under
-TRITON_INTERPRET=1 (CPU tests) only fp32 logits are exact: the interpreter computes bf16 on raw bit patterns.
+It runs eagerly, inside the LM head's opaque op (model.py), so torch.compile never traces it. Under TRITON_INTERPRET=1
+(CPU tests) only fp32 logits are exact: the interpreter computes bf16 and float8 on raw bit patterns.
 """
 import torch
 import triton
@@ -24,7 +26,8 @@ NEG = tl.constexpr(-3.0e38)  # a finite "minus infinity" for padded lanes: their
 
 
 @triton.jit
-def _cross_entropy_kernel(logits_ptr, targets_ptr, grad_ptr, loss_ptr, V, stride_row, scale, BLOCK_V: tl.constexpr):
+def _cross_entropy_kernel(logits_ptr, targets_ptr, grad_ptr, grad8_ptr, loss_ptr, V, stride_row, scale, fp8_scale,
+                          BLOCK_V: tl.constexpr, FP8: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * stride_row  # passes 2^31 for chunks of more than 42,000 rows
     m_i = tl.full([BLOCK_V], NEG, tl.float32)
@@ -40,41 +43,28 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, grad_ptr, loss_ptr, V, stride
     target = tl.load(targets_ptr + row)
     tl.store(loss_ptr + row, lse - tl.load(logits_ptr + base + target).to(tl.float32))
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    fp8_scale = tl.cast(fp8_scale, tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(logits_ptr + base + cols, mask=cols < V, other=NEG).to(tl.float32)
-        grad = (tl.exp(x - lse) - (cols == target).to(tl.float32)) * scale
-        tl.store(grad_ptr + base + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
+        grad = tl.exp(x - lse) - (cols == target).to(tl.float32)
+        tl.store(grad_ptr + base + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=cols < V)
+        if FP8:  # contiguous rows of V bytes
+            tl.store(grad8_ptr + row.to(tl.int64) * V + cols, (grad * fp8_scale).to(grad8_ptr.dtype.element_ty),
+                     mask=cols < V)
 
 
-def launch(logits, targets, scale, block=BLOCK_V, num_warps=NUM_WARPS):
-    """The kernel on logits (N, V) with unit-stride rows (the gradient gets their layout); the launch settings are
-    arguments for the benchmark."""
+def loss_and_grad(logits, targets, scale, fp8_scale=None, block=BLOCK_V, num_warps=NUM_WARPS):
+    """For logits (N, V) and targets (N,): each row's loss (fp32, (N,)), the gradient (softmax - onehot) * scale in
+    the logits' dtype and layout, and given fp8_scale (softmax - onehot) * fp8_scale in float8_e4m3, contiguous
+    (N, V), else None. The launch settings are arguments for the benchmark."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
     n, vocab = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    grad = _like(logits)
-    _cross_entropy_kernel[(n,)](logits, targets, grad, loss, vocab, logits.stride(0), scale,
-                                BLOCK_V=min(block, triton.next_power_of_2(vocab)), num_warps=num_warps)
-    return loss, grad
-
-
-@torch.library.custom_op("gpt2::cross_entropy_loss_and_grad", mutates_args=())
-def loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """For logits (N, V) and targets (N,): each row's loss (fp32, (N,)) and the gradient (softmax - onehot) * scale
-    in the logits' dtype."""
-    return launch(_unit_stride_rows(logits), targets, scale)
-
-
-def _unit_stride_rows(logits):
-    """The logits as the kernel reads them: rows of unit stride, padded rows (model._aligned_rows) left as they are."""
-    return logits if logits.stride(1) == 1 else logits.contiguous()
-
-
-def _like(logits):
-    """An empty tensor with the logits' strides: rows padded for alignment (model._aligned_rows) stay padded."""
-    return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
-
-
-@loss_and_grad.register_fake
-def _(logits, targets, scale):
-    return logits.new_empty(logits.size(0), dtype=torch.float32), _like(_unit_stride_rows(logits))
+    grad = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+    fp8 = fp8_scale is not None
+    grad8 = torch.empty(n, vocab, dtype=torch.float8_e4m3fn, device=logits.device) if fp8 else None
+    _cross_entropy_kernel[(n,)](logits, targets, grad, grad8, loss, vocab, logits.stride(0), scale, fp8_scale or 0.0,
+                                BLOCK_V=min(block, triton.next_power_of_2(vocab)), FP8=fp8, num_warps=num_warps)
+    return loss, grad, grad8

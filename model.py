@@ -29,6 +29,7 @@ class GPTConfig:
     attention: str = "sdpa"  # naive | sdpa | triton
     loss_chunk: int = 0  # rows per chunk of the fused LM head + cross-entropy (fused_lm_head_loss); 0: plain logits
     recompute_gelu: bool = False  # keep only the MLP's input to GELU for backward and recompute GELU there (less memory)
+    fp8_lm_head: bool = False  # training's logits and their gradient for h as FP8 matmuls (needs loss_chunk; Ada/Hopper)
 
 
 # OpenAI's checkpoint (and so transformers' GPT-2) uses Conv1D modules, whose weights are the transpose of nn.Linear's.
@@ -144,16 +145,18 @@ class Block(nn.Module):
 # The LM head and the cross-entropy fused, chunk by chunk (GPTConfig.loss_chunk): the logits of the whole batch,
 # (B*T, V) and their fp32 copies and gradient, never exist; only one chunk's do.
 
-def loss_and_grad(logits, targets, scale=None):
-    """Each row's cross-entropy (fp32) and, given a scale, the gradient (softmax - onehot) * scale in the logits'
-    dtype: in torch, what cross_entropy.loss_and_grad computes on GPUs."""
+def loss_and_grad(logits, targets, scale=None, fp8_scale=None):
+    """Each row's cross-entropy (fp32); given a scale, the gradient (softmax - onehot) * scale in the logits' dtype;
+    given fp8_scale, (softmax - onehot) * fp8_scale in float8_e4m3 (else None): in torch, what
+    cross_entropy.loss_and_grad computes on GPUs."""
     x = logits.float()
     lse = torch.logsumexp(x, dim=1)
     loss = lse - x.gather(1, targets[:, None]).squeeze(1)
     if scale is None:
-        return loss, None
+        return loss, None, None
     onehot = torch.arange(x.size(1), device=x.device) == targets[:, None]
-    return loss, ((torch.exp(x - lse[:, None]) - onehot.float()) * scale).to(logits.dtype)
+    grad = torch.exp(x - lse[:, None]) - onehot.float()
+    return loss, (grad * scale).to(logits.dtype), None if fp8_scale is None else (grad * fp8_scale).to(FP8)
 
 
 def use_kernel(h):
@@ -167,39 +170,67 @@ def _compute_dtype(h):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
 
 
-def _aligned_rows(n, v, like):
-    """An empty (n, v) matrix whose rows start at multiples of 16 bytes: the leading dimension cuBLAS's fast kernels
-    need (GPT-2's vocabulary of 50,257 bf16 logits is 100,514 bytes a row)."""
-    per_16_bytes = 16 // like.element_size()
-    padded = -(-v // per_16_bytes) * per_16_bytes
-    return like.new_empty(n, padded)[:, :v]
+FP8 = torch.float8_e4m3fn
+FP8_GRAD_SCALE = 256.0  # softmax - onehot is in [-1, 1]; times 2^8 (exact) it stays below e4m3's largest value, 448
 
 
-def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad):
+def _to_fp8(x):
+    """x as float8_e4m3 and the fp32 scale with x ≈ x8 * scale: x's largest |value| goes to e4m3's largest, 448."""
+    scale = x.abs().amax().float().clamp(min=1e-30) / torch.finfo(FP8).max
+    return (x.float() / scale).to(FP8), scale
+
+
+def _padded_to_16_bytes(w):
+    """W (V, C) with zero rows appended until V * element size is a multiple of 16 bytes, and a bias for its logits: 0
+    for the real words, -inf for the added ones (no probability, a zero gradient). The op's matmuls run eagerly,
+    where Inductor's padding of odd shapes does not reach them, and cuBLAS runs pre-Hopper kernels on operands that
+    are not 16-byte aligned: GPT-2's 50,257 words (step 49: 37 -> 53 ms per step). None for the bias where no row is
+    added."""
+    pad = -w.size(0) % (16 // w.element_size())
+    if not pad:
+        return w, None
+    bias = torch.cat([w.new_zeros(w.size(0)), w.new_full((pad,), float("-inf"))])
+    return torch.cat([w, w.new_zeros(pad, w.size(1))]), bias
+
+
+def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad, fp8=False):
     """The mean cross-entropy of the logits h @ weightᵀ and, with_grad, its gradients for h and weight, `chunk` rows
     at a time. A chunk's logits come out of the matmul in `dtype`; logsumexp and loss are in fp32. Their gradient,
     (softmax - onehot) / N, is turned at once into the chunk's rows of grad_h and added to grad_weight (fp32), so it
     is never stored for more than one chunk. On a GPU with Triton the loss and gradient of a chunk come from a
-    kernel that reads its logits from memory once (cross_entropy.py)."""
+    kernel that reads its logits from memory once (cross_entropy.py).
+
+    With fp8 (and with_grad: evaluation's logits stay in `dtype`), the logits and grad_h are FP8 matmuls (float8_e4m3
+    operands, fp32 accumulation, ~1.5-2x the tensor-core rate of bf16 on Hopper): h and W scaled per tensor into
+    e4m3's range, the gradient (softmax - onehot) written in e4m3 by the cross-entropy with a fixed scale. grad_W
+    stays in `dtype`: its FP8 operands would be the (rows, V) gradient transposed, a pass that costs what it saves."""
     w = weight.to(dtype)  # cast once, not once per matmul as autocast would
-    n = targets.numel()
+    n, vocab = targets.numel(), w.size(0)
     kernel = with_grad and use_kernel(h)
+    fp8 = fp8 and with_grad
+    w, bias = _padded_to_16_bytes(w) if with_grad else (w, None)
+    if fp8:  # cuBLAS's FP8 matmul takes its second operand column-major: W for the logits, Wᵀ for grad_h
+        w8, w_scale = _to_fp8(w)
+        w8_t, grad8_scale = w8.t().contiguous(), torch.full((), 1.0 / (n * FP8_GRAD_SCALE), device=h.device)
     loss, grad_h, grad_w = h.new_zeros((), dtype=torch.float32), [], None
     for start in range(0, n, chunk):
         h_c, t_c = h[start:start + chunk].to(dtype), targets[start:start + chunk]
-        # With the gradients this runs eagerly (inside the op below), where nothing pads an odd vocabulary (50,257)
-        # for cuBLAS as Inductor does for the traced path: the rows of the logits start 16-byte aligned.
-        logits = torch.mm(h_c, w.t(), out=_aligned_rows(h_c.size(0), w.size(0), h_c)) if with_grad else h_c @ w.t()
-        if kernel:
-            row_loss, grad_logits = cross_entropy.loss_and_grad(logits, t_c, 1.0 / n)
+        if fp8:
+            h8, h_scale = _to_fp8(h_c)
+            logits = torch._scaled_mm(h8, w8.t(), scale_a=h_scale, scale_b=w_scale, out_dtype=dtype, use_fast_accum=True)
         else:
-            row_loss, grad_logits = loss_and_grad(logits, t_c, 1.0 / n if with_grad else None)
+            logits = h_c @ w.t() if bias is None else torch.addmm(bias, h_c, w.t())
+        row_loss, grad_logits, grad8 = (cross_entropy.loss_and_grad if kernel else loss_and_grad)(
+            logits, t_c, 1.0 / n if with_grad else None, FP8_GRAD_SCALE if fp8 else None)
         loss = loss + row_loss.sum()
         if with_grad:
-            grad_h.append((grad_logits @ w).to(h.dtype))
+            if fp8:
+                grad_h.append(torch._scaled_mm(grad8, w8_t.t(), scale_a=grad8_scale, scale_b=w_scale, out_dtype=h.dtype))
+            else:
+                grad_h.append((grad_logits @ w).to(h.dtype))
             chunk_grad_w = grad_logits.t() @ h_c
             grad_w = chunk_grad_w.float() if grad_w is None else grad_w + chunk_grad_w  # summed in fp32
-    return loss / n, (torch.cat(grad_h) if with_grad else None), grad_w
+    return loss / n, (torch.cat(grad_h) if with_grad else None), (grad_w[:vocab] if with_grad else None)
 
 
 # One opaque op for torch.compile. Traced through, the loop above is the partitioner's to split: only the loss is
@@ -208,13 +239,13 @@ def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad):
 # full config it keeps the matmuls, yet the step holds 2.8 GiB more than with the op (TRAINING_NOTES.md, lever 12).
 @torch.library.custom_op("gpt2::lm_head_loss_and_grads", mutates_args=())
 def _lm_head_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, grad_h, grad_w = _loss_and_grads(h, weight, targets, chunk, dtype, with_grad=True)
+                            dtype: torch.dtype, fp8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, grad_h, grad_w = _loss_and_grads(h, weight, targets, chunk, dtype, with_grad=True, fp8=fp8)
     return loss, grad_h, grad_w.to(weight.dtype)
 
 
 @_lm_head_loss_and_grads.register_fake
-def _(h, weight, targets, chunk, dtype):
+def _(h, weight, targets, chunk, dtype, fp8):
     return h.new_empty((), dtype=torch.float32), torch.empty_like(h), torch.empty_like(weight)
 
 
@@ -223,23 +254,33 @@ class FusedLMHeadLoss(torch.autograd.Function):
     them by the loss's incoming gradient."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk, dtype):
-        loss, grad_h, grad_w = _lm_head_loss_and_grads(h, weight, targets, chunk, dtype)
+    def forward(ctx, h, weight, targets, chunk, dtype, fp8):
+        loss, grad_h, grad_w = _lm_head_loss_and_grads(h, weight, targets, chunk, dtype, fp8)
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
-def fused_lm_head_loss(h, weight, targets, chunk):
+def fused_lm_head_loss(h, weight, targets, chunk, fp8=False):
     """F.cross_entropy(h @ weight.t(), targets) for h (N, C), weight (V, C), targets (N,), computed `chunk` rows at a
-    time; the gradient work is done only when autograd needs it (not under no_grad)."""
+    time; the gradient work is done only when autograd needs it (not under no_grad), with fp8 in FP8 matmuls."""
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return FusedLMHeadLoss.apply(h, weight, targets, chunk, _compute_dtype(h))
+        return FusedLMHeadLoss.apply(h, weight, targets, chunk, _compute_dtype(h), fp8)
     return _loss_and_grads(h, weight, targets, chunk, _compute_dtype(h), with_grad=False)[0]
+
+
+def check_fp8_lm_head(config):
+    """What fp8_lm_head needs of the model's shape: it runs inside the fused loss, and cuBLAS's FP8 matmul takes
+    dimensions that are multiples of 16."""
+    if config.fp8_lm_head and not config.loss_chunk:
+        raise ValueError("fp8_lm_head runs inside the fused loss: set loss_chunk too (e.g. 16384), or fp8_lm_head false")
+    if config.fp8_lm_head and (config.vocab_size % 16 or config.n_embd % 16):
+        raise ValueError(f"fp8_lm_head needs vocab_size and n_embd divisible by 16 (cuBLAS's FP8 matmul), got "
+                         f"{config.vocab_size} and {config.n_embd}; pad the vocabulary (GPT-2's 50257 to 50304)")
 
 
 class GPT(nn.Module):
@@ -249,6 +290,7 @@ class GPT(nn.Module):
             raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
         if config.loss_chunk < 0:
             raise ValueError(f"loss_chunk ({config.loss_chunk}) must be >= 0: rows per chunk of the fused loss, 0: off")
+        check_fp8_lm_head(config)
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -305,7 +347,7 @@ class GPT(nn.Module):
         if targets is not None and self.config.loss_chunk:
             # No logits to return: the fused path never makes them for the whole batch.
             h, chunk = x.view(B * T, -1), self.config.loss_chunk
-            return None, fused_lm_head_loss(h, self.lm_head.weight, targets.reshape(-1), chunk)
+            return None, fused_lm_head_loss(h, self.lm_head.weight, targets.reshape(-1), chunk, self.config.fp8_lm_head)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:

@@ -373,7 +373,8 @@ def resolve_device(name, local_rank):
 
 def check_machine(cfg, device, rank):
     """What the settings need from this machine, checked before any work: the triton package for the triton
-    backend, a compiler for torch.compile; and a word of warning before the 124M model trains on a CPU."""
+    backend, FP8 tensor cores for fp8_lm_head, a compiler for torch.compile; and a word of warning before the 124M
+    model trains on a CPU."""
     if cfg.model.attention == "triton":
         try:
             from attention.triton import check_device, check_head_dim  # imported only by those who ask for it
@@ -382,6 +383,13 @@ def check_machine(cfg, device, rank):
                               "on Linux (pip install triton). Or use --attention sdpa") from None
         check_head_dim(cfg.model.n_embd // cfg.model.n_head)
         check_device(device)
+    if cfg.model.fp8_lm_head and device.type != "cpu":  # the CPU runs FP8 matmuls too, slowly: the tests do
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        if capability is None or capability < (8, 9):
+            gpu = (f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]})"
+                   if capability else device.type)
+            raise ConfigError(f"fp8_lm_head needs FP8 tensor cores (a CUDA GPU of compute capability 8.9 or newer: "
+                              f"Ada, Hopper), not {gpu}; use --fp8_lm_head false")
     if cfg.compile:
         # Inductor compiles C++ for the CPU; on a GPU, Triton compiles a small C launcher.
         kind, names = ("C++", ("CXX", "g++", "c++", "clang++")) if device.type == "cpu" else ("C", ("CC", "gcc", "cc", "clang"))

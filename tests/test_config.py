@@ -128,3 +128,28 @@ def test_a_head_dim_the_triton_kernel_lacks_fails_at_set_up():
     cfg = load_config(["--config", "tiny", "--attention", "triton", "--n_embd", "40", "--n_head", "2"])
     with pytest.raises(ValueError, match=r"got D=20 \(n_embd / n_head\); .* or use `--attention sdpa`"):
         check_machine(cfg, torch.device("cpu"), 0)
+
+
+def test_fp8_lm_head_is_checked_when_the_settings_are_read():
+    with pytest.raises(ConfigError, match=r"^fp8_lm_head runs inside the fused loss: set loss_chunk too"):
+        load_config(["--config", "tiny", "--fp8_lm_head", "true"])
+    with pytest.raises(ConfigError, match=r"^fp8_lm_head needs vocab_size and n_embd divisible by 16 .* got 50257 and"):
+        load_config(["--config", "step49", "--fp8_lm_head", "true", "--loss_chunk", "16384"])
+    assert load_config(["--config", "gpt2_124m", "--fp8_lm_head", "true"]).model.fp8_lm_head
+
+
+def test_fp8_lm_head_on_a_gpu_without_fp8_tensor_cores_says_what_to_do(monkeypatch):
+    import torch
+    from train_gpt2 import check_machine
+    cfg = load_config(["--config", "gpt2_124m", "--fp8_lm_head", "true"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
+    for capability, ok in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        if ok:
+            check_machine(cfg, torch.device("cuda", 0), 0)
+        else:
+            with pytest.raises(ConfigError, match=r"^fp8_lm_head needs FP8 tensor cores .* not NVIDIA A100-SXM4-40GB "
+                               r"\(compute capability 8.0\); use --fp8_lm_head false"):
+                check_machine(cfg, torch.device("cuda", 0), 0)
+    with pytest.raises(ConfigError, match=r"not mps; use --fp8_lm_head false"):
+        check_machine(cfg, torch.device("mps"), 0)

@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from attention import BACKENDS
-from model import GPTConfig
+from model import GPTConfig, check_fp8_lm_head
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -192,6 +192,10 @@ def validate(cfg):
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if m.n_embd % m.n_head:
         raise ConfigError(f"n_embd ({m.n_embd}) must be divisible by n_head ({m.n_head})")
+    try:
+        check_fp8_lm_head(m)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.seq_len > m.block_size:
         raise ConfigError(f"seq_len ({cfg.seq_len}) exceeds block_size ({m.block_size}); lower seq_len or raise block_size")
     if m.vocab_size > 2**16:
