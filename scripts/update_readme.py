@@ -154,7 +154,9 @@ PROFILES = {
              ("before_ce", "the same, later call"), ("ce_kernel", "+ cross-entropy kernel")],
     "h200": [("before", "the above"), ("lossop", "+ loss as one op"), ("budget08", "+ activation_memory_budget 0.8"),
              # the next device call: the loss-op column measured again, then with recompute_gelu
-             ("lossop_again", "+ loss as one op, next call"), ("gelu", "+ recompute_gelu (the config)")],
+             ("lossop_again", "+ loss as one op, next call"), ("gelu", "+ recompute_gelu (the config)"),
+             # a later session: the configuration measured again, then with the FP8 LM head (a setting, off)
+             ("fp8_before", "the config, later call"), ("fp8", "+ fp8_lm_head")],
 }
 
 

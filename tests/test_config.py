@@ -153,3 +153,10 @@ def test_fp8_lm_head_on_a_gpu_without_fp8_tensor_cores_says_what_to_do(monkeypat
                 check_machine(cfg, torch.device("cuda", 0), 0)
     with pytest.raises(ConfigError, match=r"not mps; use --fp8_lm_head false"):
         check_machine(cfg, torch.device("mps"), 0)
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graph_compile_modes_are_refused_with_the_reason(mode):
+    with pytest.raises(ConfigError, match=rf"^compile_mode '{mode}' captures CUDA graphs, .* choose default or "
+                       "max-autotune-no-cudagraphs$"):
+        load_config(["--config", "tiny", "--compile_mode", mode])
