@@ -146,17 +146,17 @@ class Block(nn.Module):
 # (B*T, V) and their fp32 copies and gradient, never exist; only one chunk's do.
 
 def loss_and_grad(logits, targets, scale=None, fp8_scale=None):
-    """Each row's cross-entropy (fp32); given a scale, the gradient (softmax - onehot) * scale in the logits' dtype;
-    given fp8_scale, (softmax - onehot) * fp8_scale in float8_e4m3 (else None): in torch, what
-    cross_entropy.loss_and_grad computes on GPUs."""
+    """Each row's cross-entropy (fp32) and, given a scale, the gradient (softmax - onehot) * scale in the logits' dtype
+    or, given fp8_scale, (softmax - onehot) * fp8_scale in float8_e4m3: in torch, what cross_entropy.loss_and_grad
+    computes on GPUs."""
     x = logits.float()
     lse = torch.logsumexp(x, dim=1)
     loss = lse - x.gather(1, targets[:, None]).squeeze(1)
     if scale is None:
-        return loss, None, None
+        return loss, None
     onehot = torch.arange(x.size(1), device=x.device) == targets[:, None]
     grad = torch.exp(x - lse[:, None]) - onehot.float()
-    return loss, (grad * scale).to(logits.dtype), None if fp8_scale is None else (grad * fp8_scale).to(FP8)
+    return loss, (grad * fp8_scale).to(FP8) if fp8_scale is not None else (grad * scale).to(logits.dtype)
 
 
 def use_kernel(h):
@@ -200,10 +200,10 @@ def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad, fp8=False):
     is never stored for more than one chunk. On a GPU with Triton the loss and gradient of a chunk come from a
     kernel that reads its logits from memory once (cross_entropy.py).
 
-    With fp8 (and with_grad: evaluation's logits stay in `dtype`), the logits and grad_h are FP8 matmuls (float8_e4m3
-    operands, fp32 accumulation, ~1.5-2x the tensor-core rate of bf16 on Hopper): h and W scaled per tensor into
-    e4m3's range, the gradient (softmax - onehot) written in e4m3 by the cross-entropy with a fixed scale. grad_W
-    stays in `dtype`: its FP8 operands would be the (rows, V) gradient transposed, a pass that costs what it saves."""
+    With fp8 (and with_grad: evaluation's logits stay in `dtype`), all three are FP8 matmuls (float8_e4m3 operands,
+    fp32 accumulation, ~1.5-2x the tensor-core rate of bf16 on Hopper): h and W scaled per tensor into e4m3's range,
+    the gradient (softmax - onehot) written in e4m3 by the cross-entropy with a fixed scale, and for grad_W, whose
+    FP8 matmul wants gradᵀ and hᵀ row-major, both transposed."""
     w = weight.to(dtype)  # cast once, not once per matmul as autocast would
     n, vocab = targets.numel(), w.size(0)
     kernel = with_grad and use_kernel(h)
@@ -220,15 +220,19 @@ def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad, fp8=False):
             logits = torch._scaled_mm(h8, w8.t(), scale_a=h_scale, scale_b=w_scale, out_dtype=dtype, use_fast_accum=True)
         else:
             logits = h_c @ w.t() if bias is None else torch.addmm(bias, h_c, w.t())
-        row_loss, grad_logits, grad8 = (cross_entropy.loss_and_grad if kernel else loss_and_grad)(
+        row_loss, grad_logits = (cross_entropy.loss_and_grad if kernel else loss_and_grad)(
             logits, t_c, 1.0 / n if with_grad else None, FP8_GRAD_SCALE if fp8 else None)
         loss = loss + row_loss.sum()
-        if with_grad:
-            if fp8:
-                grad_h.append(torch._scaled_mm(grad8, w8_t.t(), scale_a=grad8_scale, scale_b=w_scale, out_dtype=h.dtype))
-            else:
-                grad_h.append((grad_logits @ w).to(h.dtype))
+        if with_grad and fp8:
+            transposed = cross_entropy.transposed if kernel else lambda x: x.t().contiguous()
+            grad_h.append(torch._scaled_mm(grad_logits, w8_t.t(), scale_a=grad8_scale, scale_b=w_scale,
+                                           out_dtype=h.dtype))
+            chunk_grad_w = torch._scaled_mm(transposed(grad_logits), transposed(h8).t(), scale_a=grad8_scale,
+                                            scale_b=h_scale, out_dtype=dtype)
+        elif with_grad:
+            grad_h.append((grad_logits @ w).to(h.dtype))
             chunk_grad_w = grad_logits.t() @ h_c
+        if with_grad:
             grad_w = chunk_grad_w.float() if grad_w is None else grad_w + chunk_grad_w  # summed in fp32
     return loss / n, (torch.cat(grad_h) if with_grad else None), (grad_w[:vocab] if with_grad else None)
 
@@ -273,14 +277,19 @@ def fused_lm_head_loss(h, weight, targets, chunk, fp8=False):
     return _loss_and_grads(h, weight, targets, chunk, _compute_dtype(h), with_grad=False)[0]
 
 
-def check_fp8_lm_head(config):
-    """What fp8_lm_head needs of the model's shape: it runs inside the fused loss, and cuBLAS's FP8 matmul takes
-    dimensions that are multiples of 16."""
-    if config.fp8_lm_head and not config.loss_chunk:
+def check_fp8_lm_head(config, rows=None):
+    """What fp8_lm_head needs of the model's shape and, given it, of a batch's rows (B·T): it runs inside the fused
+    loss, and cuBLAS's FP8 matmul takes dimensions that are multiples of 16 (the rows are grad_W's inner one)."""
+    if not config.fp8_lm_head:
+        return
+    if not config.loss_chunk:
         raise ValueError("fp8_lm_head runs inside the fused loss: set loss_chunk too (e.g. 16384), or fp8_lm_head false")
-    if config.fp8_lm_head and (config.vocab_size % 16 or config.n_embd % 16):
+    if config.vocab_size % 16 or config.n_embd % 16:
         raise ValueError(f"fp8_lm_head needs vocab_size and n_embd divisible by 16 (cuBLAS's FP8 matmul), got "
                          f"{config.vocab_size} and {config.n_embd}; pad the vocabulary (GPT-2's 50257 to 50304)")
+    if config.loss_chunk % 16 or (rows or 0) % 16:
+        raise ValueError(f"fp8_lm_head needs loss_chunk and the rows of a batch (batch_size * seq_len) divisible by 16 "
+                         f"(cuBLAS's FP8 matmul), got {config.loss_chunk} and {rows}")
 
 
 class GPT(nn.Module):
@@ -347,6 +356,7 @@ class GPT(nn.Module):
         if targets is not None and self.config.loss_chunk:
             # No logits to return: the fused path never makes them for the whole batch.
             h, chunk = x.view(B * T, -1), self.config.loss_chunk
+            check_fp8_lm_head(self.config, B * T)
             return None, fused_lm_head_loss(h, self.lm_head.weight, targets.reshape(-1), chunk, self.config.fp8_lm_head)
         logits = self.lm_head(x)
         loss = None

@@ -5,10 +5,10 @@
 One chunk as the GPT-2 (124M) configuration makes it: h (16,384 rows, 768) against the LM head's weight (50,304,
 768). Per chunk the loss needs logits = h @ Wᵀ, then grad_h = grad @ W and grad_W = gradᵀ @ h. FP8 halves the bytes
 per operand and doubles the tensor cores' rate on Hopper, but cuBLAS's FP8 matmul takes its second operand
-column-major: W must be kept transposed too, and gradᵀ @ h needs the (rows, vocab) gradient transposed, a pass over
-it. Every FP8 row is timed with the casts and copies it needs listed beside it, and its error against the fp32
-product of the same bf16 inputs is reported (max |error| / max |reference|). Times are medians of
-triton.testing.do_bench (L2 flushed).
+column-major: W must be kept transposed too, and gradᵀ @ h needs the (rows, vocab) gradient and h transposed, a pass
+over each (cross_entropy.transposed). Every FP8 row is timed with the casts and copies it needs listed beside it, and
+its error against the fp32 product of the same bf16 inputs is reported (max |error| / max |reference|). Times are
+medians of triton.testing.do_bench (L2 flushed).
 """
 import argparse
 import os
@@ -19,6 +19,7 @@ from triton.testing import do_bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cross_entropy  # noqa: E402
 from training.metrics import environment, write_report  # noqa: E402
 
 ROWS, VOCAB, C = 16384, 50304, 768
@@ -50,6 +51,7 @@ def main(argv=None):
     g8t, h8t = g8.t().contiguous(), h8.t().contiguous()
     # The model's choice (model.FP8_GRAD_SCALE): the gradient in e4m3 with a fixed scale, as the cross-entropy writes it.
     g8m, sgm = (probs * 256).to(E4M3), torch.full((), 1 / (256 * ROWS), device="cuda")
+    g8mt = g8m.t().contiguous()
     rowwise_h = (h.abs().amax(1, keepdim=True).float() / 448).clamp(min=1e-12)
     h8r = (h / rowwise_h).to(E4M3)
     rowwise_w = (w.abs().amax(1, keepdim=True).float() / 448).clamp(min=1e-12)
@@ -77,12 +79,16 @@ def main(argv=None):
         ("grad_w", "bf16", lambda: grad.t() @ h, ""),
         ("grad_w", "fp8 e5m2 x e4m3, per-tensor scales, fast accumulation", lambda: mm8(g8t, h8t.t(), sg, sh),
          "grad and h transposed"),
+        ("grad_w", "fp8 e4m3 (grad x 256) x e4m3, exact accumulation (the model's)",
+         lambda: mm8(g8mt, h8t.t(), sgm, sh, False), "grad and h transposed"),
     ]
     side = [  # the casts and copies around the FP8 matmuls, timed alone
         ("cast h to fp8 (amax + scale + cast)", lambda: to_fp8(h, E4M3)),
         ("cast W to fp8 and transpose (once per call, not per chunk)", lambda: to_fp8(w, E4M3)[0].t().contiguous()),
         ("cast grad to fp8 (amax + scale + cast)", lambda: to_fp8(grad, E5M2)),
-        ("transpose the fp8 grad", lambda: g8.t().contiguous()),
+        ("transpose the fp8 grad (torch)", lambda: g8.t().contiguous()),
+        ("transpose the fp8 grad (cross_entropy.transposed)", lambda: cross_entropy.transposed(g8m)),
+        ("transpose h (cross_entropy.transposed)", lambda: cross_entropy.transposed(h8)),
     ]
     rows = []
     for matmul, path, fn, extra in cases:

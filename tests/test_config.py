@@ -135,6 +135,9 @@ def test_fp8_lm_head_is_checked_when_the_settings_are_read():
         load_config(["--config", "tiny", "--fp8_lm_head", "true"])
     with pytest.raises(ConfigError, match=r"^fp8_lm_head needs vocab_size and n_embd divisible by 16 .* got 50257 and"):
         load_config(["--config", "step49", "--fp8_lm_head", "true", "--loss_chunk", "16384"])
+    with pytest.raises(ConfigError, match=r"^fp8_lm_head needs loss_chunk and the rows of a batch .* got 16384 and 4600"):
+        load_config(["--config", "gpt2_124m", "--fp8_lm_head", "true", "--batch_size", "5", "--seq_len", "920",
+                     "--total_batch_size", "0"])
     assert load_config(["--config", "gpt2_124m", "--fp8_lm_head", "true"]).model.fp8_lm_head
 
 

@@ -197,7 +197,7 @@ def validate(cfg):
     if m.n_embd % m.n_head:
         raise ConfigError(f"n_embd ({m.n_embd}) must be divisible by n_head ({m.n_head})")
     try:
-        check_fp8_lm_head(m)
+        check_fp8_lm_head(m, cfg.batch_size * cfg.seq_len)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.seq_len > m.block_size:
