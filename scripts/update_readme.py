@@ -156,7 +156,9 @@ PROFILES = {
              # the next device call: the loss-op column measured again, then with recompute_gelu
              ("lossop_again", "+ loss as one op, next call"), ("gelu", "+ recompute_gelu (the config)"),
              # a later session: the configuration measured again, then with the FP8 LM head (a setting, off)
-             ("fp8_before", "the config, later call"), ("fp8", "+ fp8_lm_head")],
+             ("fp8_before", "the config, later call"), ("fp8", "+ fp8_lm_head"),
+             # the last call of that session: fp8_lm_head as committed, then with grad_W in FP8 too
+             ("fp8_again", "fp8_lm_head, later call"), ("fp8_grad_w", "+ grad_W in FP8")],
 }
 
 
