@@ -8,7 +8,6 @@ triton.testing.do_bench; GB/s counts what one pass must move (the logits read on
 a path whose second pass reads DRAM again shows as lower bandwidth. The kernel is also timed at other launch settings
 (tile width, warps) than the ones it fixes.
 """
-import argparse
 import functools
 import os
 import sys
@@ -20,19 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cross_entropy  # noqa: E402
 from model import loss_and_grad  # noqa: E402
-from training.metrics import environment, write_report  # noqa: E402
+from training.metrics import gpu_benchmark, write_report  # noqa: E402
 
 ROWS, VOCAB = 16384, 50304
 LAUNCHES = [(block, warps) for block in (2048, 4096, 8192) for warps in (8, 16, 32)]  # (BLOCK_V, num_warps)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out_dir", default=os.path.join(ROOT, "out"), help="results/ for the repo's own figures")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("error: this benchmark needs a CUDA GPU")
-    env = environment(torch.device("cuda"))
+    args, env = gpu_benchmark(__doc__.splitlines()[0], argv)
     g = torch.Generator("cuda").manual_seed(0)
     logits = (4 * torch.randn(ROWS, VOCAB, device="cuda", generator=g)).bfloat16()
     targets = torch.randint(0, VOCAB, (ROWS,), device="cuda", generator=g)

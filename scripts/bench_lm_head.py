@@ -10,7 +10,6 @@ over each (cross_entropy.transposed). Every FP8 row is timed with the casts and 
 its error against the fp32 product of the same bf16 inputs is reported (max |error| / max |reference|). Times are
 medians of triton.testing.do_bench (L2 flushed).
 """
-import argparse
 import os
 import sys
 
@@ -20,7 +19,7 @@ from triton.testing import do_bench
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cross_entropy  # noqa: E402
-from training.metrics import environment, write_report  # noqa: E402
+from training.metrics import gpu_benchmark, write_report  # noqa: E402
 
 ROWS, VOCAB, C = 16384, 50304, 768
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -33,12 +32,7 @@ def to_fp8(x, dtype):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out_dir", default=os.path.join(ROOT, "out"), help="results/ for the repo's own figures")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("error: this benchmark needs a CUDA GPU")
-    env = environment(torch.device("cuda"))
+    args, env = gpu_benchmark(__doc__.splitlines()[0], argv)
     g = torch.Generator("cuda").manual_seed(0)
     h = torch.randn(ROWS, C, device="cuda", generator=g).bfloat16()
     w = (0.02 * torch.randn(VOCAB, C, device="cuda", generator=g)).bfloat16()

@@ -11,7 +11,6 @@ new sequence length), the figure is the median of the other 2. tokens/s counts t
 prompt's pass included in the time.
 Also records whether greedy decoding in fp32 gives the same tokens with and without the cache on this GPU.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from model import GPT, GPTConfig  # noqa: E402
 from sample import generate_timed  # noqa: E402
-from training.metrics import environment, write_report  # noqa: E402
+from training.metrics import gpu_benchmark, write_report  # noqa: E402
 
 PROMPT, NEW_TOKENS, BATCHES, REPEATS = 16, 512, (1, 8, 64), 2
 CASES = [("sdpa", False), ("sdpa", True)]
@@ -47,13 +46,8 @@ def greedy_check(model, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out_dir", default=os.path.join(ROOT, "out"), help="results/ for the repo's own figures")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("error: this benchmark needs a CUDA GPU")
+    args, env = gpu_benchmark(__doc__.splitlines()[0], argv)
     device = torch.device("cuda")
-    env = environment(device)
     rows, checks = [], {}
     for attention, use_cache in CASES:
         torch.manual_seed(0)  # the same weights for every backend

@@ -1,4 +1,5 @@
 """What a run reports: the machine it ran on, MFU, the per-step log, the summary that results/ keeps, and W&B."""
+import argparse
 import json
 import os
 import platform
@@ -7,6 +8,18 @@ import sys
 import time
 
 import torch
+
+
+def gpu_benchmark(description, argv=None):
+    """The command line the GPU benchmarks in scripts/ share (--out_dir) and the machine's record for their JSON; stops
+    with a message on a machine without a CUDA GPU. Returns (args, environment)."""
+    p = argparse.ArgumentParser(description=description)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--out_dir", default=os.path.join(root, "out"), help="results/ for the repo's own figures")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: this benchmark needs a CUDA GPU")
+    return args, environment(torch.device("cuda"))
 
 
 def environment(device):
