@@ -209,9 +209,10 @@ def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad, fp8=False):
     kernel = with_grad and use_kernel(h)
     fp8 = fp8 and with_grad
     w, bias = _padded_to_16_bytes(w) if with_grad else (w, None)
-    if fp8:  # cuBLAS's FP8 matmul takes its second operand column-major: W for the logits, Wᵀ for grad_h
+    if fp8:  # cuBLAS's FP8 matmul takes its first operand row-major, its second column-major
         w8, w_scale = _to_fp8(w)
         w8_t, grad8_scale = w8.t().contiguous(), torch.full((), 1.0 / (n * FP8_GRAD_SCALE), device=h.device)
+        transposed = cross_entropy.transposed if kernel else lambda x: x.t().contiguous()
     loss, grad_h, grad_w = h.new_zeros((), dtype=torch.float32), [], None
     for start in range(0, n, chunk):
         h_c, t_c = h[start:start + chunk].to(dtype), targets[start:start + chunk]
@@ -223,17 +224,17 @@ def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad, fp8=False):
         row_loss, grad_logits = (cross_entropy.loss_and_grad if kernel else loss_and_grad)(
             logits, t_c, 1.0 / n if with_grad else None, FP8_GRAD_SCALE if fp8 else None)
         loss = loss + row_loss.sum()
-        if with_grad and fp8:
-            transposed = cross_entropy.transposed if kernel else lambda x: x.t().contiguous()
+        if not with_grad:
+            continue
+        if fp8:
             grad_h.append(torch._scaled_mm(grad_logits, w8_t.t(), scale_a=grad8_scale, scale_b=w_scale,
                                            out_dtype=h.dtype))
             chunk_grad_w = torch._scaled_mm(transposed(grad_logits), transposed(h8).t(), scale_a=grad8_scale,
                                             scale_b=h_scale, out_dtype=dtype)
-        elif with_grad:
+        else:
             grad_h.append((grad_logits @ w).to(h.dtype))
             chunk_grad_w = grad_logits.t() @ h_c
-        if with_grad:
-            grad_w = chunk_grad_w.float() if grad_w is None else grad_w + chunk_grad_w  # summed in fp32
+        grad_w = chunk_grad_w.float() if grad_w is None else grad_w + chunk_grad_w  # summed in fp32
     return loss / n, (torch.cat(grad_h) if with_grad else None), (grad_w[:vocab] if with_grad else None)
 
 
