@@ -29,7 +29,7 @@ class GPTConfig:
     attention: str = "sdpa"  # naive | sdpa | triton
     loss_chunk: int = 0  # rows per chunk of the fused LM head + cross-entropy (fused_lm_head_loss); 0: plain logits
     recompute_gelu: bool = False  # keep only the MLP's input to GELU for backward and recompute GELU there (less memory)
-    fp8_lm_head: bool = False  # training's logits and their gradient for h as FP8 matmuls (needs loss_chunk; Ada/Hopper)
+    fp8_lm_head: bool = False  # the LM head's matmuls in training as FP8 matmuls (needs loss_chunk; Ada/Hopper GPUs)
 
 
 # OpenAI's checkpoint (and so transformers' GPT-2) uses Conv1D modules, whose weights are the transpose of nn.Linear's.
@@ -357,7 +357,8 @@ class GPT(nn.Module):
         if targets is not None and self.config.loss_chunk:
             # No logits to return: the fused path never makes them for the whole batch.
             h, chunk = x.view(B * T, -1), self.config.loss_chunk
-            check_fp8_lm_head(self.config, B * T)
+            if torch.is_grad_enabled():  # only training's loss runs in FP8
+                check_fp8_lm_head(self.config, B * T)
             return None, fused_lm_head_loss(h, self.lm_head.weight, targets.reshape(-1), chunk, self.config.fp8_lm_head)
         logits = self.lm_head(x)
         loss = None
