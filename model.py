@@ -145,6 +145,10 @@ class Block(nn.Module):
 # The LM head and the cross-entropy fused, chunk by chunk (GPTConfig.loss_chunk): the logits of the whole batch,
 # (B*T, V) and their fp32 copies and gradient, never exist; only one chunk's do.
 
+FP8 = torch.float8_e4m3fn
+FP8_GRAD_SCALE = 256.0  # softmax - onehot is in [-1, 1]; times 2^8 (exact) it stays below e4m3's largest value, 448
+
+
 def loss_and_grad(logits, targets, scale=None, fp8_scale=None):
     """Each row's cross-entropy (fp32) and, given a scale, the gradient (softmax - onehot) * scale in the logits' dtype
     or, given fp8_scale, (softmax - onehot) * fp8_scale in float8_e4m3: in torch, what cross_entropy.loss_and_grad
@@ -168,10 +172,6 @@ def _compute_dtype(h):
     """The dtype of the chunks' logits: autocast's (bf16) where it is on, else h's."""
     device = h.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-
-
-FP8 = torch.float8_e4m3fn
-FP8_GRAD_SCALE = 256.0  # softmax - onehot is in [-1, 1]; times 2^8 (exact) it stays below e4m3's largest value, 448
 
 
 def _to_fp8(x):
@@ -210,6 +210,7 @@ def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad, fp8=False):
     fp8 = fp8 and with_grad
     w, bias = _padded_to_16_bytes(w) if with_grad else (w, None)
     if fp8:  # cuBLAS's FP8 matmul takes its first operand row-major, its second column-major
+        _check_fp8_rows(chunk, n)
         w8, w_scale = _to_fp8(w)
         w8_t, grad8_scale = w8.t().contiguous(), torch.full((), 1.0 / (n * FP8_GRAD_SCALE), device=h.device)
         transposed = cross_entropy.transposed if kernel else lambda x: x.t().contiguous()
@@ -288,9 +289,14 @@ def check_fp8_lm_head(config, rows=None):
     if config.vocab_size % 16 or config.n_embd % 16:
         raise ValueError(f"fp8_lm_head needs vocab_size and n_embd divisible by 16 (cuBLAS's FP8 matmul), got "
                          f"{config.vocab_size} and {config.n_embd}; pad the vocabulary (GPT-2's 50257 to 50304)")
-    if config.loss_chunk % 16 or (rows or 0) % 16:
+    _check_fp8_rows(config.loss_chunk, rows or 0)
+
+
+def _check_fp8_rows(chunk, rows):
+    """A chunk's rows are grad_W's inner dimension in the FP8 matmul, which cuBLAS takes in multiples of 16."""
+    if chunk % 16 or rows % 16:
         raise ValueError(f"fp8_lm_head needs loss_chunk and the rows of a batch (batch_size * seq_len) divisible by 16 "
-                         f"(cuBLAS's FP8 matmul), got {config.loss_chunk} and {rows}")
+                         f"(cuBLAS's FP8 matmul), got {chunk} and {rows}")
 
 
 class GPT(nn.Module):
@@ -357,8 +363,6 @@ class GPT(nn.Module):
         if targets is not None and self.config.loss_chunk:
             # No logits to return: the fused path never makes them for the whole batch.
             h, chunk = x.view(B * T, -1), self.config.loss_chunk
-            if torch.is_grad_enabled():  # only training's loss runs in FP8
-                check_fp8_lm_head(self.config, B * T)
             return None, fused_lm_head_loss(h, self.lm_head.weight, targets.reshape(-1), chunk, self.config.fp8_lm_head)
         logits = self.lm_head(x)
         loss = None
