@@ -27,6 +27,10 @@ layouts are copied first. dO may have any strides with unit stride along D. O an
 attention is free and their strides need not be passed. Row offsets into the strided inputs are int64 (T·stride_t
 passes 2^31 at long T); the grid folds B·H over two axes, so any batch·head count launches.
 
+Hopper: on sm_90+ at D = 128 the forward reads q, k, v and writes O through host-side TMA tensor descriptors (4-D,
+over the (B, H, T, D) views; rows past T load as zeros and are not stored), the same kernel with TMA=True; elsewhere,
+and always under the interpreter unless a test asks, through pointers (_use_tma says why).
+
 Launches: Triton's generic launch path costs more host time than these kernels take on the GPU at the GPT-2 shape,
 so after the first (autotuning) call the compiled kernels are launched directly, on the Triton version where that
 was verified (see DIRECT_LAUNCH and _launch); elsewhere through Triton's standard launch.
@@ -57,6 +61,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DIRECT_LAUNCH = not _INTERPRET and triton.__version__.split(".")[:2] == ["3", "6"]
 if DIRECT_LAUNCH:
     from triton import knobs
+try:  # host-side TMA descriptors (Triton 3.4+), for the forward on Hopper (see _use_tma)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 # Grid axes 1 and 2 hold at most 65,535 programs each; batch·head is folded over both (see _grid).
 MAX_GRID_YZ = 65535
 HEAD_DIMS = (16, 32, 64, 128)
@@ -97,6 +105,12 @@ FWD_CONFIGS = {
     64: _configs(("BLOCK_M", "BLOCK_N"), _fwd_ok, [(64, 64, 4, 3), (128, 64, 8, 3)]),
     128: _configs(("BLOCK_M", "BLOCK_N"), _fwd_ok, [(64, 64, 4, 3), (128, 128, 8, 3)]),
 }
+# The forward through TMA descriptors (Hopper, D = 128 only: see _use_tma), surveyed on the H200 with every candidate
+# of the pointer lists and more (KERNEL_NOTES.md, v9): 64x64 w4 s3 was the best at every T. One config, so that the
+# descriptors' block shapes (fixed when they are made, before the launch) are always the kernel's.
+FWD_TMA_CONFIGS = {128: _configs(("BLOCK_M", "BLOCK_N"), _fwd_ok, [(64, 64, 4, 3)])}
+if any(len(configs) != 1 for configs in FWD_TMA_CONFIGS.values()):
+    raise ValueError("FWD_TMA_CONFIGS holds one config per head dim: the descriptors are made with its block shapes")
 DQ_CONFIGS = {
     64: _configs(("BLOCK_M2", "BLOCK_N2"), _dq_ok, [(64, 32, 4, 3), (64, 64, 4, 3)]),
     128: _configs(("BLOCK_M2", "BLOCK_N2"), _dq_ok, [(64, 32, 4, 3), (128, 64, 8, 3)]),
@@ -155,14 +169,25 @@ def _bthd_offset(off_b, off_h, offs_t, offs_d, H, T, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_t, offs_m, offs_d, lo, hi, T, qk_scale,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+def _desc_tile(X, off_b, off_h, start, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, COMPUTE: tl.constexpr):
+    """A (ROWS, HEAD_DIM) tile of a (B, H, T, D) TMA descriptor at rows start.. of one batch·head; rows past T come back
+    as zeros (the loads need no mask). Coordinates are int32 per dimension; TMA applies the 64-bit strides."""
+    return X.load([off_b.to(tl.int32), off_h.to(tl.int32), start, 0]).reshape(ROWS, HEAD_DIM).to(COMPUTE)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, kv_offset, off_b, off_h, stride_t, offs_m, offs_d, lo, hi, T, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, COMPUTE: tl.constexpr,
+               PRECISION: tl.constexpr, TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = _rows(k_base, offs_n, stride_t, offs_d)
-        v_ptrs = _rows(v_base, offs_n, stride_t, offs_d)
-        k = _key_tile(k_ptrs, offs_n, T, MASKED, COMPUTE)
+        if TMA:
+            k = _desc_tile(K, off_b, off_h, start_n, BLOCK_N, HEAD_DIM, COMPUTE)
+        else:
+            k_ptrs = _rows(K + kv_offset, offs_n, stride_t, offs_d)
+            v_ptrs = _rows(V + kv_offset, offs_n, stride_t, offs_d)
+            k = _key_tile(k_ptrs, offs_n, T, MASKED, COMPUTE)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
             # -inf, not a large negative bias, so bf16/fp16 rounding cannot leak weight through. Keys >= T are
@@ -173,7 +198,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_t, offs_m, offs_d, lo, h
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _key_tile(v_ptrs, offs_n, T, MASKED, COMPUTE)
+        if TMA:
+            v = _desc_tile(V, off_b, off_h, start_n, BLOCK_N, HEAD_DIM, COMPUTE)
+        else:
+            v = _key_tile(v_ptrs, offs_n, T, MASKED, COMPUTE)
         acc = tl.dot(p.to(COMPUTE), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
@@ -182,7 +210,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_t, offs_m, offs_d, lo, h
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _attn_fwd(Q, K, V, O, LSE, stride_b, stride_h, stride_t, H, T, BH, T_BUCKET,
               HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+              COMPUTE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
+    """With TMA, Q, K, V and O are host-side descriptors over the (B, H, T, D) views (see _fwd_descriptors) and the
+    strides go unused: TMA forms addresses from per-dimension coordinates with 64-bit strides."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal tile must split into whole BLOCK_N tiles")
     off_bh = _batch_head()
     if off_bh >= BH:  # past the end of a folded grid
@@ -196,21 +226,29 @@ def _attn_fwd(Q, K, V, O, LSE, stride_b, stride_h, stride_t, H, T, BH, T_BUCKET,
     row_ok = offs_m < T
 
     qkv_offset = off_b * stride_b + off_h * stride_h
-    q = tl.load(_rows(Q + qkv_offset, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
+    if TMA:
+        q = _desc_tile(Q, off_b, off_h, start_m * BLOCK_M, BLOCK_M, HEAD_DIM, COMPUTE)
+    else:
+        q = tl.load(_rows(Q + qkv_offset, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
     qk_scale = SM_SCALE * 1.4426950408889634  # log2(e) folded in: exp(x * SM_SCALE) = exp2(x * qk_scale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     diag = start_m * BLOCK_M
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + qkv_offset, V + qkv_offset, stride_t, offs_m, offs_d,
-                               0, diag, T, qk_scale, BLOCK_N, False, COMPUTE, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + qkv_offset, V + qkv_offset, stride_t, offs_m, offs_d,
-                               diag, tl.minimum(diag + BLOCK_M, T), T, qk_scale, BLOCK_N, True, COMPUTE, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, qkv_offset, off_b, off_h, stride_t, offs_m, offs_d,
+                               0, diag, T, qk_scale, HEAD_DIM, BLOCK_N, False, COMPUTE, PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, qkv_offset, off_b, off_h, stride_t, offs_m, offs_d,
+                               diag, tl.minimum(diag + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, True, COMPUTE,
+                               PRECISION, TMA)
 
     o = acc / l_i[:, None]
-    o_ptrs = O + _bthd_offset(off_b, off_h, offs_m, offs_d, H, T, HEAD_DIM)
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if TMA:  # the store clips at T
+        O.store([off_b.to(tl.int32), off_h.to(tl.int32), start_m * BLOCK_M, 0],
+                o.to(O.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+    else:
+        o_ptrs = O + _bthd_offset(off_b, off_h, offs_m, offs_d, H, T, HEAD_DIM)
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + off_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
@@ -378,11 +416,11 @@ def _grid(T, rows, BH):
 _COMPILED = {}
 
 
-def _launch(kernel, configs, config, block, B, H, T, args, dtype, D):
+def _launch(kernel, configs, config, block, B, H, T, args, dtype, D, device, **constexprs):
     """Launches `kernel` over (tiles of `block` rows, batch·head) with `args` followed by (B·H, T_BUCKET)."""
     BH = B * H
     args = (*args, BH, triton.next_power_of_2(T))
-    meta = _meta(dtype, D)
+    meta = {**_meta(dtype, D), **constexprs}
     if _INTERPRET or config is not None:
         config = config or configs_for(configs, D)[0]
         kernel[_grid(T, config.kwargs[block], BH)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
@@ -397,7 +435,7 @@ def _launch(kernel, configs, config, block, B, H, T, args, dtype, D):
     # autotuner has picked and compiled a kernel, it is launched directly. The key holds everything Triton
     # specialises on: every integer argument exactly, each tensor's dtype and 16-byte alignment, the constexprs
     # (which follow from dtype and D) and the device.
-    key = (kernel, args[0].device, D, *(a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) for a in args))
+    key = (kernel, device, D, *map(_specialization, args))
     entry = _COMPILED.get(key)
     if entry is None:
         compiled = tuned[lambda c: _grid(T, c[block], BH)](*args, **meta)
@@ -407,10 +445,51 @@ def _launch(kernel, configs, config, block, B, H, T, args, dtype, D):
         return
     compiled, rows, constexprs = entry
     grid = _grid(T, rows, BH)
-    stream = driver.active.get_current_stream(args[0].device.index)
+    stream = driver.active.get_current_stream(device.index)
     compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
                  compiled.launch_metadata(grid, stream, *args, *constexprs), knobs.runtime.launch_enter_hook,
                  knobs.runtime.launch_exit_hook, *args, *constexprs)
+
+
+def _specialization(arg):
+    """What Triton specialises a kernel on for one argument: an integer's value (we key on all of it), a tensor's dtype
+    and 16-byte alignment, a descriptor's dtype and block shape."""
+    if type(arg) is int:
+        return arg
+    if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
+        return arg.base.dtype, tuple(arg.block_shape)
+    return arg.dtype, arg.data_ptr() % 16 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(device):
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _use_tma(q, k, v, o):
+    """The forward reads q, k, v and writes O through TMA descriptors on Hopper (sm_90+) at D = 128, where that beat the
+    pointer loads by 4-16% on the H200; at D = 64 it lost 1-3% (KERNEL_NOTES.md, v9). TMA needs 16-bit elements here
+    (the only ones measured), and a 16-byte-aligned base and strides, which the model's views and our O have."""
+    return (TensorDescriptor is not None and not _INTERPRET and q.is_cuda and q.shape[-1] in FWD_TMA_CONFIGS
+            and q.dtype in (torch.float16, torch.bfloat16) and _hopper(q.device)
+            and all(_tma_aligned(x) for x in (q, k, v, o)))
+
+
+def _tma_aligned(x):
+    return x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in _descriptor_strides(x)[:-1])
+
+
+def _descriptor_strides(x):
+    """x's strides, with those of size-1 dimensions (never used, but any value torch gives them, and checked for
+    16-byte alignment by TMA) replaced by D."""
+    return [st if n > 1 else x.shape[-1] for n, st in zip(x.shape[:-1], x.stride()[:-1])] + [x.stride(-1)]
+
+
+def _fwd_descriptors(config, q, k, v, o):
+    """Host-side TMA descriptors over the (B, H, T, D) views, one (BLOCK, D) tile per load or store."""
+    block = {"q": config.kwargs["BLOCK_M"], "kv": config.kwargs["BLOCK_N"]}
+    return [TensorDescriptor(x, list(x.shape), _descriptor_strides(x), [1, 1, block[name], x.shape[-1]])
+            for x, name in ((q, "q"), (k, "kv"), (v, "kv"), (o, "q"))]
 
 
 def _bthd_strides(x):
@@ -431,13 +510,18 @@ def _unit_stride(q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def attention_forward(q, k, v, config=None):
-    """Returns (o, lse); lse is the base-2 row logsumexp of the scaled scores, fp32, shape (B, H, T)."""
+def attention_forward(q, k, v, config=None, tma=None):
+    """Returns (o, lse); lse is the base-2 row logsumexp of the scaled scores, fp32, shape (B, H, T). tma: through
+    TMA descriptors or pointers; None chooses (_use_tma), tests force either."""
     B, H, T, D = q.shape
     q, k, v = _unit_stride(q, k, v)
     o = _bthd(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    _launch(_attn_fwd, FWD_CONFIGS, config, "BLOCK_M", B, H, T, (q, k, v, o, lse, *q.stride()[:3], H, T), q.dtype, D)
+    tma = _use_tma(q, k, v, o) if tma is None else tma
+    configs = FWD_TMA_CONFIGS if tma else FWD_CONFIGS
+    tensors = _fwd_descriptors(config or configs_for(configs, D)[0], q, k, v, o) if tma else (q, k, v, o)
+    _launch(_attn_fwd, configs, config, "BLOCK_M", B, H, T, (*tensors, lse, *q.stride()[:3], H, T), q.dtype, D,
+            q.device, TMA=tma)
     return o, lse
 
 
@@ -453,9 +537,9 @@ def attention_backward(do, q, k, v, o, lse, dq_config=None, dkdv_config=None):
     delta = torch.empty_like(lse)
     strides = (*q.stride()[:3], *do.stride()[:3], H, T)
     _launch(_attn_bwd_dq, DQ_CONFIGS, dq_config, "BLOCK_M2", B, H, T, (q, k, v, o, do, dq, lse, delta, *strides),
-            q.dtype, D)
+            q.dtype, D, q.device)
     _launch(_attn_bwd_dkdv, DKDV_CONFIGS, dkdv_config, "BLOCK_N1", B, H, T, (q, k, v, do, dk, dv, lse, delta, *strides),
-            q.dtype, D)
+            q.dtype, D, q.device)
     return dq, dk, dv
 
 

@@ -45,10 +45,11 @@ def signature(kernel, constexprs):
     return types, {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
 
 
-def constexprs_for(head_dim, config):
+def constexprs_for(kernel, head_dim, config):
     """The kernel's constexprs as a bf16 call on the GPU sets them (also where the interpreter is on: it computes in
-    fp32)."""
-    return {**_meta(torch.bfloat16, head_dim), "COMPUTE": tl.bfloat16, **config.kwargs}
+    fp32), with those that have a default (the forward's TMA: the pointer path) at it."""
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+    return {**defaults, **_meta(torch.bfloat16, head_dim), "COMPUTE": tl.bfloat16, **config.kwargs}
 
 
 def resources(kernel, constexprs, config, arch):
@@ -78,7 +79,7 @@ def main():
         kernel, configs = getattr(module, kernel_name), getattr(module, configs_name)
         for head_dim, config_list in configs.items():
             for config in config_list:
-                r = resources(kernel, constexprs_for(head_dim, config), config, args.arch)
+                r = resources(kernel, constexprs_for(kernel, head_dim, config), config, args.arch)
                 label = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
                 print(f"{kernel_name} D={head_dim} {label} w{config.num_warps} s{config.num_stages} (sm_{args.arch}): "
                       f"{r['registers']} registers, {r['stack']} B stack{' (spills)' if r['stack'] else ''}, "

@@ -97,6 +97,36 @@ def test_every_config(i):
     check_kernels(2, 3, MASKED_T[i % 3], D, DTYPES[i % 3], seed=i, fwd_config=fwd, dq_config=dq, dkdv_config=dkdv)
 
 
+# --- the forward through TMA descriptors (on Hopper at D = 128; forced here, also under the interpreter) ------------
+@pytest.mark.parametrize("T", MASKED_T + (1,))
+@pytest.mark.parametrize("D", (128, 16))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_tma_forward_equals_the_pointer_forward(dtype, D, T):
+    # The same kernel, reading q, k, v and writing O through descriptors: rows past T must load as zeros and not be
+    # stored (B=2, H=3: a row stored past T would land in another head's or batch's output), so the result must be
+    # the pointer path's bit for bit, and within rounding of fp64.
+    _, (q, k, v), _ = make_inputs(2, 3, T, D, dtype, seed=T)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    config = ta.FWD_TMA_CONFIGS[128][0]
+    o, lse = ta.attention_forward(q, k, v, config, tma=True)
+    o_ptr, lse_ptr = ta.attention_forward(q, k, v, config, tma=False)
+    assert torch.equal(o, o_ptr) and torch.equal(lse, lse_ptr)
+    assert_close("out", o, attention_fp64(q, k, v), dtype)
+
+
+def test_tma_needs_16_byte_alignment():
+    # TMA takes a 16-byte-aligned base and strides; the model's views have them, other layouts take the pointers.
+    _, (q, k, v), _ = make_inputs(1, 2, 8, 64, torch.bfloat16, seed=0)
+    assert all(ta._tma_aligned(x) for x in (q, k, v, ta._bthd(q)))
+    flat = torch.zeros(1 + 2 * 8 * 64, dtype=torch.bfloat16)
+    assert not ta._tma_aligned(flat[1:].view(1, 2, 8, 64))  # the base 2 bytes off
+    assert not ta._tma_aligned(torch.zeros(1, 2, 8, 68, dtype=torch.bfloat16)[..., :64])  # rows 136 bytes apart
+    # A size-1 dimension's stride is never used, whatever torch says it is: it does not count against alignment.
+    odd = torch.as_strided(torch.zeros(2 * 8 * 64, dtype=torch.bfloat16), (1, 2, 8, 64), (3, 512, 64, 1))
+    assert ta._descriptor_strides(odd) == [64, 512, 64, 1] and ta._tma_aligned(odd)
+    assert not ta._use_tma(q, k, v, ta._bthd(q)) or q.is_cuda  # never on the CPU (interpreter) unless forced
+
+
 def test_tiling_predicates():
     # The causal loops need the diagonal tile to split into whole inner tiles (BLOCK_M % BLOCK_N == 0, etc.).
     cfg = lambda **kw: triton.Config(kw)  # noqa: E731
@@ -361,7 +391,10 @@ def test_gpu_long_rows_64bit_offsets():
     assert (T - 1) * q.stride(2) > 2**31
     q, k, v = q.detach(), k.detach(), v.detach()
     cfg = lambda c: ta.configs_for(c, D)[0]  # noqa: E731
-    o, lse = ta.attention_forward(q, k, v, cfg(ta.FWD_CONFIGS))
+    o, lse = ta.attention_forward(q, k, v, cfg(ta.FWD_CONFIGS), tma=False)
+    if ta._use_tma(q, k, v, o):  # Hopper: the TMA forward (the one taken at D = 128) must give the same bits
+        o_tma, lse_tma = ta.attention_forward(q, k, v, cfg(ta.FWD_TMA_CONFIGS), tma=True)
+        assert torch.equal(o_tma, o) and torch.equal(lse_tma, lse)
     dq, dk, dv = ta.attention_backward(do, q, k, v, o, lse, cfg(ta.DQ_CONFIGS), cfg(ta.DKDV_CONFIGS))
     rows = torch.tensor([0, 1, 2, T // 2, T - 3, T - 2, T - 1], device="cuda")
     last = slice(4, 7)  # rows[last] = the last three
@@ -397,10 +430,19 @@ def test_gpu_many_batch_heads():
 
 
 @gpu_only
-def test_gpu_launch_paths_agree(monkeypatch):
+def test_gpu_forward_takes_tma_on_hopper_at_head_dim_128():
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    for D, dtype, expected in ((128, torch.bfloat16, hopper), (64, torch.bfloat16, False), (128, torch.float32, False)):
+        _, (q, k, v), _ = make_inputs(2, 768 // D, 64, D, dtype, seed=0)
+        assert ta._use_tma(q, k, v, ta._bthd(q)) == expected, (D, dtype)
+
+
+@gpu_only
+@pytest.mark.parametrize("D", (64, 128))  # at 128 on Hopper the forward's arguments are TMA descriptors
+def test_gpu_launch_paths_agree(monkeypatch, D):
     # The standard launch (autotuner[grid](...)) and the direct CompiledKernel.run launch run the same compiled
     # kernels: their results must be bitwise equal.
-    B, H, T, D = 2, 4, 1000, 64
+    B, H, T = 2, 4, 1000
     qkv, (q, k, v), do = make_inputs(B, H, T, D, torch.bfloat16, seed=2)
     monkeypatch.setattr(ta, "_COMPILED", {})
     results = {}
