@@ -145,13 +145,17 @@ class Block(nn.Module):
 # The LM head and the cross-entropy fused, chunk by chunk (GPTConfig.loss_chunk): the logits of the whole batch,
 # (B*T, V) and their fp32 copies and gradient, never exist; only one chunk's do.
 
-FP8 = torch.float8_e4m3fn
-FP8_GRAD_SCALE = 256.0  # softmax - onehot is in [-1, 1]; times 2^8 (exact) it stays below e4m3's largest value, 448
+FP8 = torch.float8_e4m3fn  # h and W: 3 mantissa bits, per-tensor scales
+# The gradient (softmax - onehot, in [-1, 1]) in e5m2 times a fixed 2^15: below e5m2's largest value (57,344), and its
+# 5 exponent bits keep every value down to 2^-31. e4m3 times 256 (lever 16b) rounded every probability below ~4e-6
+# to a zero gradient, which changed how training went, not only how fast (TRAINING_NOTES.md, FP8 section).
+FP8_GRAD = torch.float8_e5m2
+FP8_GRAD_SCALE = 2.0 ** 15
 
 
 def loss_and_grad(logits, targets, scale=None, fp8_scale=None):
     """Each row's cross-entropy (fp32) and, given a scale, the gradient (softmax - onehot) * scale in the logits' dtype
-    or, given fp8_scale, (softmax - onehot) * fp8_scale in float8_e4m3: in torch, what cross_entropy.loss_and_grad
+    or, given fp8_scale, (softmax - onehot) * fp8_scale in float8_e5m2: in torch, what cross_entropy.loss_and_grad
     computes on GPUs."""
     x = logits.float()
     lse = torch.logsumexp(x, dim=1)
@@ -160,7 +164,7 @@ def loss_and_grad(logits, targets, scale=None, fp8_scale=None):
         return loss, None
     onehot = torch.arange(x.size(1), device=x.device) == targets[:, None]
     grad = torch.exp(x - lse[:, None]) - onehot.float()
-    return loss, (grad * fp8_scale).to(FP8) if fp8_scale is not None else (grad * scale).to(logits.dtype)
+    return loss, (grad * fp8_scale).to(FP8_GRAD) if fp8_scale is not None else (grad * scale).to(logits.dtype)
 
 
 def use_kernel(h):
@@ -200,9 +204,9 @@ def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad, fp8=False):
     is never stored for more than one chunk. On a GPU with Triton the loss and gradient of a chunk come from a
     kernel that reads its logits from memory once (cross_entropy.py).
 
-    With fp8 (and with_grad: evaluation's logits stay in `dtype`), all three are FP8 matmuls (float8_e4m3 operands,
-    fp32 accumulation, ~1.5-2x the tensor-core rate of bf16 on Hopper): h and W scaled per tensor into e4m3's range,
-    the gradient (softmax - onehot) written in e4m3 by the cross-entropy with a fixed scale, and for grad_W, whose
+    With fp8 (and with_grad: evaluation's logits stay in `dtype`), all three are FP8 matmuls (fp32 accumulation,
+    ~1.5-2x the tensor-core rate of bf16 on Hopper): h and W scaled per tensor into float8_e4m3's range, the gradient
+    (softmax - onehot) written in float8_e5m2 by the cross-entropy with a fixed scale, and for grad_W, whose
     FP8 matmul wants gradᵀ and hᵀ row-major, both transposed."""
     w = weight.to(dtype)  # cast once, not once per matmul as autocast would
     n, vocab = targets.numel(), w.size(0)

@@ -19,6 +19,7 @@ from triton.testing import do_bench
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cross_entropy  # noqa: E402
+from model import FP8_GRAD, FP8_GRAD_SCALE  # noqa: E402
 from training.metrics import gpu_benchmark, write_report  # noqa: E402
 
 ROWS, VOCAB, C = 16384, 50304, 768
@@ -43,9 +44,12 @@ def main(argv=None):
     w8t = w8.t().contiguous()
     g8, sg = to_fp8(grad, E5M2)
     g8t, h8t = g8.t().contiguous(), h8.t().contiguous()
-    # The model's choice (model.FP8_GRAD_SCALE): the gradient in e4m3 with a fixed scale, as the cross-entropy writes it.
-    g8m, sgm = (probs * 256).to(E4M3), torch.full((), 1 / (256 * ROWS), device="cuda")
+    # The model's choice (model.FP8_GRAD, FP8_GRAD_SCALE): the gradient in e5m2 times 2^15, as the cross-entropy writes
+    # it; and the one before it, e4m3 times 256, which rounds every probability below ~4e-6 to zero.
+    g8m, sgm = (probs * FP8_GRAD_SCALE).to(FP8_GRAD), torch.full((), 1 / (FP8_GRAD_SCALE * ROWS), device="cuda")
     g8mt = g8m.t().contiguous()
+    g8old, sgold = (probs * 256).to(E4M3), torch.full((), 1 / (256 * ROWS), device="cuda")
+    g8oldt = g8old.t().contiguous()
     rowwise_h = (h.abs().amax(1, keepdim=True).float() / 448).clamp(min=1e-12)
     h8r = (h / rowwise_h).to(E4M3)
     rowwise_w = (w.abs().amax(1, keepdim=True).float() / 448).clamp(min=1e-12)
@@ -66,14 +70,18 @@ def main(argv=None):
         ("grad_h", "bf16", lambda: grad @ w, ""),
         ("grad_h", "fp8 e5m2 x e4m3, per-tensor scales, fast accumulation", lambda: mm8(g8, w8t.t(), sg, sw),
          "grad written in fp8; W transposed once per call"),
-        ("grad_h", "fp8 e4m3 (grad x 256) x e4m3, fast accumulation", lambda: mm8(g8m, w8t.t(), sgm, sw),
+        ("grad_h", "fp8 e4m3 (grad x 256) x e4m3, fast accumulation", lambda: mm8(g8old, w8t.t(), sgold, sw),
          "grad written in fp8; W transposed once per call"),
-        ("grad_h", "fp8 e4m3 (grad x 256) x e4m3, exact accumulation", lambda: mm8(g8m, w8t.t(), sgm, sw, False),
+        ("grad_h", "fp8 e4m3 (grad x 256) x e4m3, exact accumulation", lambda: mm8(g8old, w8t.t(), sgold, sw, False),
          "grad written in fp8; W transposed once per call"),
+        ("grad_h", "fp8 e5m2 (grad x 2^15) x e4m3, exact accumulation (the model's)",
+         lambda: mm8(g8m, w8t.t(), sgm, sw, False), "grad written in fp8; W transposed once per call"),
         ("grad_w", "bf16", lambda: grad.t() @ h, ""),
         ("grad_w", "fp8 e5m2 x e4m3, per-tensor scales, fast accumulation", lambda: mm8(g8t, h8t.t(), sg, sh),
          "grad and h transposed"),
-        ("grad_w", "fp8 e4m3 (grad x 256) x e4m3, exact accumulation (the model's)",
+        ("grad_w", "fp8 e4m3 (grad x 256) x e4m3, exact accumulation",
+         lambda: mm8(g8oldt, h8t.t(), sgold, sh, False), "grad and h transposed"),
+        ("grad_w", "fp8 e5m2 (grad x 2^15) x e4m3, exact accumulation (the model's)",
          lambda: mm8(g8mt, h8t.t(), sgm, sh, False), "grad and h transposed"),
     ]
     side = [  # the casts and copies around the FP8 matmuls, timed alone

@@ -57,6 +57,31 @@ def full_training_block():
     return "\n".join(comparison_block("gpt2_124m_short"))
 
 
+def validation_block(config="gpt2_124m_short"):
+    """The validation losses of the comparison runs that evaluated (evals.jsonl in each run's folder), per step."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", f"compare_{config}_*.json"))):
+        report, name = load(path), os.path.basename(path)[len("compare_"):-len(".json")]
+        gpu = name.rsplit("_", 1)[1]
+        for row in report["rows"]:
+            run = os.path.join(ROOT, "results", "runs", gpu, name.rsplit("_", 1)[0],
+                               f"{row['backend']}-{'compile' if row['compile'] else 'eager'}", "evals.jsonl")
+            evals = [json.loads(line) for line in open(run)] if os.path.exists(run) else []
+            evals = [e for e in evals if e["step"] > 0 and "val_loss" in e]
+            if evals:
+                out.append((name, row["backend"], evals))
+    if not out:
+        return ""
+    steps = sorted({e["step"] for _, _, evals in out for e in evals})
+    lines = ["| run | backend | " + " | ".join(f"val loss, step {s}" for s in steps) + " |",
+             "|---|---" + "|---:" * len(steps) + "|"]
+    for name, backend, evals in out:
+        by_step = {e["step"]: e["val_loss"] for e in evals}
+        lines.append(f"| `{name}` | {backend} | " + " | ".join(f"{by_step[s]:.4f}" if s in by_step else "–"
+                                                              for s in steps) + " |")
+    return "\n".join(lines)
+
+
 def long_context_block():
     return "\n".join(comparison_block("long_context"))
 
@@ -158,7 +183,9 @@ PROFILES = {
              # a later session: the configuration measured again, then with the FP8 LM head (a setting, off)
              ("fp8_before", "the config, later call"), ("fp8", "+ fp8_lm_head"),
              # the last call of that session: fp8_lm_head as committed, then with grad_W in FP8 too
-             ("fp8_again", "fp8_lm_head, later call"), ("fp8_grad_w", "+ grad_W in FP8")],
+             ("fp8_again", "fp8_lm_head, later call"), ("fp8_grad_w", "+ grad_W in FP8"),
+             # the next session: the gradient in e5m2 times 2^15 instead of e4m3 times 256 (not the same call)
+             ("fp8_e5m2", "fp8_lm_head, e5m2 gradient")],
 }
 
 
@@ -186,7 +213,8 @@ def profile_block():
 def main():
     path = os.path.join(ROOT, "README.md")
     text = original = open(path).read()
-    for name, block in (("step49", step49_block), ("full_training", full_training_block), ("scaling", scaling_block),
+    for name, block in (("step49", step49_block), ("full_training", full_training_block), ("validation", validation_block),
+                        ("scaling", scaling_block),
                         ("attention_bench", bench_block), ("seq_len_sweep", sweep_block), ("long_context", long_context_block),
                         ("sample_speed", sample_speed_block), ("profile", profile_block)):
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
