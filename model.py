@@ -148,7 +148,7 @@ class Block(nn.Module):
 FP8 = torch.float8_e4m3fn  # h and W: 3 mantissa bits, per-tensor scales
 # The gradient (softmax - onehot, in [-1, 1]) in e5m2 times a fixed 2^15: below e5m2's largest value (57,344), and its
 # 5 exponent bits keep every value down to 2^-31. e4m3 times 256 (lever 16b) rounded every probability below ~4e-6
-# to a zero gradient, which changed how training went, not only how fast (TRAINING_NOTES.md, FP8 section).
+# to a zero gradient: the embedding rows of rare words got none (TRAINING_NOTES.md, lever 16c).
 FP8_GRAD = torch.float8_e5m2
 FP8_GRAD_SCALE = 2.0 ** 15
 

@@ -58,13 +58,17 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The direct launch (see _launch) relies on CompiledKernel.run's calling convention and on triton.knobs (3.4+),
 # checked on the GPU with Triton 3.6 only. Other versions take Triton's standard launch: same kernels, same
 # results, more host time per call.
-DIRECT_LAUNCH = not _INTERPRET and triton.__version__.split(".")[:2] == ["3", "6"]
+_VERIFIED = triton.__version__.split(".")[:2] == ["3", "6"]
+DIRECT_LAUNCH = not _INTERPRET and _VERIFIED
 if DIRECT_LAUNCH:
     from triton import knobs
-try:  # host-side TMA descriptors (Triton 3.4+), for the forward on Hopper (see _use_tma)
+# The forward through host-side TMA descriptors (see _use_tma) likewise: Triton 3.6 only, where it was run on the GPU
+# (the interpreter runs it too, where a test asks). Elsewhere the pointer path.
+try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     TensorDescriptor = None
+TMA_FORWARD = _VERIFIED and TensorDescriptor is not None
 # Grid axes 1 and 2 hold at most 65,535 programs each; batch·head is folded over both (see _grid).
 MAX_GRID_YZ = 65535
 HEAD_DIMS = (16, 32, 64, 128)
@@ -105,9 +109,9 @@ FWD_CONFIGS = {
     64: _configs(("BLOCK_M", "BLOCK_N"), _fwd_ok, [(64, 64, 4, 3), (128, 64, 8, 3)]),
     128: _configs(("BLOCK_M", "BLOCK_N"), _fwd_ok, [(64, 64, 4, 3), (128, 128, 8, 3)]),
 }
-# The forward through TMA descriptors (Hopper, D = 128 only: see _use_tma), surveyed on the H200 with every candidate
-# of the pointer lists and more (KERNEL_NOTES.md, v9): 64x64 w4 s3 was the best at every T. One config, so that the
-# descriptors' block shapes (fixed when they are made, before the launch) are always the kernel's.
+# The forward through TMA descriptors (Hopper, D = 128 only: see _use_tma), five candidate configs surveyed on the
+# H200 (KERNEL_NOTES.md, v9): 64x64 w4 s3 was the best at every T. One config, so that the descriptors' block shapes
+# (fixed when they are made, before the launch) are always the kernel's.
 FWD_TMA_CONFIGS = {128: _configs(("BLOCK_M", "BLOCK_N"), _fwd_ok, [(64, 64, 4, 3)])}
 if any(len(configs) != 1 for configs in FWD_TMA_CONFIGS.values()):
     raise ValueError("FWD_TMA_CONFIGS holds one config per head dim: the descriptors are made with its block shapes")
@@ -467,10 +471,11 @@ def _hopper(device):
 
 
 def _use_tma(q, k, v, o):
-    """The forward reads q, k, v and writes O through TMA descriptors on Hopper (sm_90+) at D = 128, where that beat the
-    pointer loads by 4-16% on the H200; at D = 64 it lost 1-3% (KERNEL_NOTES.md, v9). TMA needs 16-bit elements here
-    (the only ones measured), and a 16-byte-aligned base and strides, which the model's views and our O have."""
-    return (TensorDescriptor is not None and not _INTERPRET and q.is_cuda and q.shape[-1] in FWD_TMA_CONFIGS
+    """The forward reads q, k, v and writes O through TMA descriptors on Hopper (sm_90+) at D = 128, where that took
+    11-13% off its GPU time up to T = 4096 on the H200 (less beyond), at ~80 us more host time per call for the four
+    descriptors; at D = 64 it lost 1-3% (KERNEL_NOTES.md, v9). TMA needs 16-bit elements here (the only ones
+    measured), and a 16-byte-aligned base and strides, which the model's views and our O have."""
+    return (TMA_FORWARD and not _INTERPRET and q.is_cuda and q.shape[-1] in FWD_TMA_CONFIGS
             and q.dtype in (torch.float16, torch.bfloat16) and _hopper(q.device)
             and all(_tma_aligned(x) for x in (q, k, v, o)))
 

@@ -42,3 +42,18 @@ def test_a_failing_run_becomes_a_row(tmp_path):
     assert summary is None and row["status"] == "failed (exit 1)" and "does not exist" in row["error"]
     compare_attention.add_comparisons([row])
     assert "| sdpa | off | failed (exit 1) | | | | | | |" in compare_attention.markdown_table([row])
+
+
+def test_validation_losses_reach_the_readme_table(data_dir, tmp_path, monkeypatch):
+    """update_readme.validation_block reads each compared run's evals.jsonl: every evaluation after step 0, by step."""
+    import update_readme
+    results = tmp_path / "results"
+    compare_attention.main(["--config", "tiny", "--backends", "sdpa", "--compile", "off", "--results_dir",
+                            str(results), "--", f"--data_dir={data_dir}", *SMALL, "--eval_interval=2", "--eval_batches=1"])
+    evals = [json.loads(line) for line in open(results / "runs" / "cpu" / "tiny" / "sdpa-eager" / "evals.jsonl")]
+    evals = [e for e in evals if e["step"] > 0]
+    assert [e["step"] for e in evals] == [2, 3]
+    monkeypatch.setattr(update_readme, "ROOT", str(tmp_path))
+    table = update_readme.validation_block("tiny")
+    assert "| run | backend | val loss, step 2 | val loss, step 3 |" in table
+    assert f"| `tiny_cpu` | sdpa | {evals[0]['val_loss']:.4f} | {evals[1]['val_loss']:.4f} |" in table
