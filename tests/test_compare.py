@@ -49,7 +49,8 @@ def test_validation_losses_reach_the_readme_table(data_dir, tmp_path, monkeypatc
     import update_readme
     results = tmp_path / "results"
     compare_attention.main(["--config", "tiny", "--backends", "sdpa", "--compile", "off", "--results_dir",
-                            str(results), "--", f"--data_dir={data_dir}", *SMALL, "--eval_interval=2", "--eval_batches=1"])
+                            str(results), "--", f"--data_dir={data_dir}", *SMALL, "--eval_interval=2", "--eval_batches=1",
+                            "--sample_count=0"])
     evals = [json.loads(line) for line in open(results / "runs" / "cpu" / "tiny" / "sdpa-eager" / "evals.jsonl")]
     evals = [e for e in evals if e["step"] > 0]
     assert [e["step"] for e in evals] == [2, 3]
