@@ -470,14 +470,14 @@ def _hopper(device):
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _use_tma(q, k, v, o):
+def _use_tma(q, k, v):
     """The forward reads q, k, v and writes O through TMA descriptors on Hopper (sm_90+) at D = 128, where that took
     11-13% off its GPU time up to T = 4096 on the H200 (less beyond), at ~80 us more host time per call for the four
     descriptors; at D = 64 it lost 1-3% (KERNEL_NOTES.md, v9). TMA needs 16-bit elements here (the only ones
-    measured), and a 16-byte-aligned base and strides, which the model's views and our O have."""
+    measured), and a 16-byte-aligned base and strides, which the model's views have (and our O, allocated here)."""
     return (TMA_FORWARD and not _INTERPRET and q.is_cuda and q.shape[-1] in FWD_TMA_CONFIGS
-            and q.dtype in (torch.float16, torch.bfloat16) and _hopper(q.device)
-            and all(_tma_aligned(x) for x in (q, k, v, o)))
+            and q.dtype in (torch.float16, torch.bfloat16) and _hopper(q.device) and _tma_aligned(q)
+            and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0)  # k, v have q's strides; O is ours (aligned)
 
 
 def _tma_aligned(x):
@@ -522,7 +522,7 @@ def attention_forward(q, k, v, config=None, tma=None):
     q, k, v = _unit_stride(q, k, v)
     o = _bthd(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    tma = _use_tma(q, k, v, o) if tma is None else tma
+    tma = _use_tma(q, k, v) if tma is None else tma
     configs = FWD_TMA_CONFIGS if tma else FWD_CONFIGS
     tensors = _fwd_descriptors(config or configs_for(configs, D)[0], q, k, v, o) if tma else (q, k, v, o)
     _launch(_attn_fwd, configs, config, "BLOCK_M", B, H, T, (*tensors, lse, *q.stride()[:3], H, T), q.dtype, D,

@@ -124,7 +124,7 @@ def test_tma_needs_16_byte_alignment():
     # A size-1 dimension's stride is never used, whatever torch says it is: it does not count against alignment.
     odd = torch.as_strided(torch.zeros(2 * 8 * 64, dtype=torch.bfloat16), (1, 2, 8, 64), (3, 512, 64, 1))
     assert ta._descriptor_strides(odd) == [64, 512, 64, 1] and ta._tma_aligned(odd)
-    assert not ta._use_tma(q, k, v, ta._bthd(q)) or q.is_cuda  # never on the CPU (interpreter) unless forced
+    assert not ta._use_tma(q, k, v) or q.is_cuda  # never on the CPU (interpreter) unless forced
 
 
 def test_tiling_predicates():
@@ -394,7 +394,7 @@ def test_gpu_long_rows_64bit_offsets():
     q, k, v = q.detach(), k.detach(), v.detach()
     cfg = lambda c: ta.configs_for(c, D)[0]  # noqa: E731
     o, lse = ta.attention_forward(q, k, v, cfg(ta.FWD_CONFIGS), tma=False)
-    if ta._use_tma(q, k, v, o):  # Hopper: the TMA forward (the one taken at D = 128) must give the same bits
+    if ta._use_tma(q, k, v):  # Hopper: the TMA forward (the one taken at D = 128) must give the same bits
         o_tma, lse_tma = ta.attention_forward(q, k, v, cfg(ta.FWD_TMA_CONFIGS), tma=True)
         assert torch.equal(o_tma, o) and torch.equal(lse_tma, lse)
     dq, dk, dv = ta.attention_backward(do, q, k, v, o, lse, cfg(ta.DQ_CONFIGS), cfg(ta.DKDV_CONFIGS))
@@ -436,7 +436,7 @@ def test_gpu_forward_takes_tma_on_hopper_at_head_dim_128():
     hopper = torch.cuda.get_device_capability()[0] >= 9
     for D, dtype, expected in ((128, torch.bfloat16, hopper), (64, torch.bfloat16, False), (128, torch.float32, False)):
         _, (q, k, v), _ = make_inputs(2, 768 // D, 64, D, dtype, seed=0)
-        assert ta._use_tma(q, k, v, ta._bthd(q)) == expected, (D, dtype)
+        assert ta._use_tma(q, k, v) == expected, (D, dtype)
 
 
 @gpu_only
