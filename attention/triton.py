@@ -113,8 +113,6 @@ FWD_CONFIGS = {
 # H200 (KERNEL_NOTES.md, v9): 64x64 w4 s3 was the best at every T. One config, so that the descriptors' block shapes
 # (fixed when they are made, before the launch) are always the kernel's.
 FWD_TMA_CONFIGS = {128: _configs(("BLOCK_M", "BLOCK_N"), _fwd_ok, [(64, 64, 4, 3)])}
-if any(len(configs) != 1 for configs in FWD_TMA_CONFIGS.values()):
-    raise ValueError("FWD_TMA_CONFIGS holds one config per head dim: the descriptors are made with its block shapes")
 DQ_CONFIGS = {
     64: _configs(("BLOCK_M2", "BLOCK_N2"), _dq_ok, [(64, 32, 4, 3), (64, 64, 4, 3)]),
     128: _configs(("BLOCK_M2", "BLOCK_N2"), _dq_ok, [(64, 32, 4, 3), (128, 64, 8, 3)]),
@@ -123,6 +121,16 @@ DKDV_CONFIGS = {
     64: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 4, 3), (128, 32, 4, 3)]),
     128: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 4, 3), (64, 64, 4, 2)]),
 }
+# The backward through TMA descriptors (Hopper, D = 64 and 128), from the H200 survey of every candidate through TMA
+# and through pointers in one call (results/attention_configs_tma_h200.json, T = 1024, 4096, 16384): per kernel and
+# head dim the one config within 4% of the best TMA candidate at every T (KERNEL_NOTES.md, v11).
+DQ_TMA_CONFIGS = {64: _configs(("BLOCK_M2", "BLOCK_N2"), _dq_ok, [(64, 64, 4, 3)]),
+                  128: _configs(("BLOCK_M2", "BLOCK_N2"), _dq_ok, [(128, 64, 8, 3)])}
+DKDV_TMA_CONFIGS = {64: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 4, 3)]),
+                    128: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 64, 4, 2)])}
+BWD_TMA_MIN_T = 1024  # below it the TMA backward lost at D = 64 (4% at T = 512) and gained 1% at D = 128
+if any(len(c) != 1 for configs in (FWD_TMA_CONFIGS, DQ_TMA_CONFIGS, DKDV_TMA_CONFIGS) for c in configs.values()):
+    raise ValueError("the TMA config lists hold one config per head dim: the descriptors are made with its block shapes")
 
 
 def configs_for(configs, head_dim):
@@ -260,15 +268,20 @@ def _attn_fwd(Q, K, V, O, LSE, stride_b, stride_h, stride_t, H, T, BH, T_BUCKET,
 # Backward: dQ (with the delta preprocess fused in), then dK/dV
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_t, offs_m, offs_d, lo, hi, T, qk_scale,
-              BLOCK_N2: tl.constexpr, MASKED: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, off_b, off_h, stride_t, offs_m, offs_d, lo, hi, T, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N2: tl.constexpr, MASKED: tl.constexpr, COMPUTE: tl.constexpr,
+              PRECISION: tl.constexpr, TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N2):
         start_n = tl.multiple_of(start_n, BLOCK_N2)
         offs_n = start_n + tl.arange(0, BLOCK_N2)
-        k_ptrs = _rows(k_base, offs_n, stride_t, offs_d)
-        v_ptrs = _rows(v_base, offs_n, stride_t, offs_d)
-        k = _key_tile(k_ptrs, offs_n, T, MASKED, COMPUTE)
-        v = _key_tile(v_ptrs, offs_n, T, MASKED, COMPUTE)
+        if TMA:
+            k = _desc_tile(k_base, off_b, off_h, start_n, BLOCK_N2, HEAD_DIM, COMPUTE)
+            v = _desc_tile(v_base, off_b, off_h, start_n, BLOCK_N2, HEAD_DIM, COMPUTE)
+        else:
+            k_ptrs = _rows(k_base, offs_n, stride_t, offs_d)
+            v_ptrs = _rows(v_base, offs_n, stride_t, offs_d)
+            k = _key_tile(k_ptrs, offs_n, T, MASKED, COMPUTE)
+            v = _key_tile(v_ptrs, offs_n, T, MASKED, COMPUTE)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])  # P rebuilt from the stored logsumexp, no max/sum pass
         if MASKED:
@@ -283,7 +296,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_t, offs_m, offs_d, l
 def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, stride_b, stride_h, stride_t, stride_dob, stride_doh, stride_dot, H, T,
                  BH, T_BUCKET,
                  HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
-                 COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+                 COMPUTE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
+    """With TMA, Q, K, V and DO are descriptors (see _bwd_descriptors) and their strides go unused."""
     tl.static_assert(BLOCK_M2 % BLOCK_N2 == 0, "the diagonal tile must split into whole BLOCK_N2 tiles")
     off_bh = _batch_head()
     if off_bh >= BH:  # past the end of a folded grid
@@ -298,9 +312,13 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, stride_b, stride_h, stride_t, s
 
     qkv_offset = off_b * stride_b + off_h * stride_h
     bthd = _bthd_offset(off_b, off_h, offs_m, offs_d, H, T, HEAD_DIM)
-    q = tl.load(_rows(Q + qkv_offset, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
-    do = tl.load(_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, offs_d),
-                 mask=row_ok[:, None], other=0.0)
+    if TMA:
+        q = _desc_tile(Q, off_b, off_h, start_m * BLOCK_M2, BLOCK_M2, HEAD_DIM, COMPUTE)
+        do = _desc_tile(DO, off_b, off_h, start_m * BLOCK_M2, BLOCK_M2, HEAD_DIM, DO.dtype)
+    else:
+        q = tl.load(_rows(Q + qkv_offset, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
+        do = tl.load(_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, offs_d),
+                     mask=row_ok[:, None], other=0.0)
     o = tl.load(O + bthd, mask=row_ok[:, None], other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + off_bh.to(tl.int64) * T + offs_m, delta, mask=row_ok)
@@ -310,25 +328,33 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, stride_b, stride_h, stride_t, s
 
     dq = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
     diag = start_m * BLOCK_M2
-    dq = _dq_inner(dq, q, do, lse, delta, K + qkv_offset, V + qkv_offset, stride_t, offs_m, offs_d, 0, diag, T,
-                   qk_scale, BLOCK_N2, False, COMPUTE, PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, K + qkv_offset, V + qkv_offset, stride_t, offs_m, offs_d, diag,
-                   tl.minimum(diag + BLOCK_M2, T), T, qk_scale, BLOCK_N2, True, COMPUTE, PRECISION)
+    if TMA:  # descriptors: the tiles are addressed by (batch, head, row) coordinates
+        k_base, v_base = K, V
+    else:
+        k_base, v_base = K + qkv_offset, V + qkv_offset
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, off_b, off_h, stride_t, offs_m, offs_d, 0, diag, T,
+                   qk_scale, HEAD_DIM, BLOCK_N2, False, COMPUTE, PRECISION, TMA)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, off_b, off_h, stride_t, offs_m, offs_d, diag,
+                   tl.minimum(diag + BLOCK_M2, T), T, qk_scale, HEAD_DIM, BLOCK_N2, True, COMPUTE, PRECISION, TMA)
     dq *= SM_SCALE  # dS is d(loss)/d(S) of the scaled scores: dQ = scale · dS K
     tl.store(DQ + bthd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t, stride_dot, offs_n, offs_d, lo, hi,
-                T, qk_scale,
-                BLOCK_M1: tl.constexpr, MASKED: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, off_b, off_h, lse_base, delta_base, stride_t, stride_dot,
+                offs_n, offs_d, lo, hi, T, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr,
+                MASKED: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     # Works on transposed tiles (keys along rows) so that dK and dV accumulate as plain row-major dots.
     for start_m in range(lo, hi, BLOCK_M1):
         start_m = tl.multiple_of(start_m, BLOCK_M1)
         offs_m = start_m + tl.arange(0, BLOCK_M1)
         row_ok = offs_m < T  # the last query tile may run past T, in either stage
-        q = tl.load(_rows(q_base, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
-        do = tl.load(_rows(do_base, offs_m, stride_dot, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
+        if TMA:
+            q = _desc_tile(q_base, off_b, off_h, start_m, BLOCK_M1, HEAD_DIM, COMPUTE)
+            do = _desc_tile(do_base, off_b, off_h, start_m, BLOCK_M1, HEAD_DIM, COMPUTE)
+        else:
+            q = tl.load(_rows(q_base, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
+            do = tl.load(_rows(do_base, offs_m, stride_dot, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))  # +inf: P = 0 on padded rows
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
@@ -346,7 +372,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t, s
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, stride_b, stride_h, stride_t, stride_dob, stride_doh, stride_dot,
                    H, T, BH, T_BUCKET,
                    HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr,
-                   COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+                   COMPUTE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
+    """With TMA, Q, K, V and DO are descriptors (see _bwd_descriptors) and their strides go unused."""
     tl.static_assert(BLOCK_N1 % BLOCK_M1 == 0, "the diagonal tile must split into whole BLOCK_M1 tiles")
     off_bh = _batch_head()
     if off_bh >= BH:  # past the end of a folded grid
@@ -360,20 +387,26 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, stride_b, stride_h, stride_t
     qk_scale = SM_SCALE * 1.4426950408889634
 
     qkv_offset = off_b * stride_b + off_h * stride_h
-    k = tl.load(_rows(K + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
-    v = tl.load(_rows(V + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
-    q_base = Q + qkv_offset
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    if TMA:  # descriptors: the tiles are addressed by (batch, head, row) coordinates
+        k = _desc_tile(K, off_b, off_h, start_n, BLOCK_N1, HEAD_DIM, COMPUTE)
+        v = _desc_tile(V, off_b, off_h, start_n, BLOCK_N1, HEAD_DIM, COMPUTE)
+        q_base, do_base = Q, DO
+    else:
+        k = tl.load(_rows(K + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
+        v = tl.load(_rows(V + qkv_offset, offs_n, stride_t, offs_d), mask=col_ok[:, None], other=0.0).to(COMPUTE)
+        q_base = Q + qkv_offset
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
     lse_base = LSE + off_bh.to(tl.int64) * T
     delta_base = DELTA + off_bh.to(tl.int64) * T
 
     dk = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
     diag_end = tl.minimum(start_n + BLOCK_N1, T)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t, stride_dot, offs_n, offs_d,
-                         start_n, diag_end, T, qk_scale, BLOCK_M1, True, COMPUTE, PRECISION)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_t, stride_dot, offs_n, offs_d,
-                         diag_end, T, T, qk_scale, BLOCK_M1, False, COMPUTE, PRECISION)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, off_b, off_h, lse_base, delta_base, stride_t, stride_dot,
+                         offs_n, offs_d, start_n, diag_end, T, qk_scale, HEAD_DIM, BLOCK_M1, True, COMPUTE, PRECISION,
+                         TMA)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, off_b, off_h, lse_base, delta_base, stride_t, stride_dot,
+                         offs_n, offs_d, diag_end, T, T, qk_scale, HEAD_DIM, BLOCK_M1, False, COMPUTE, PRECISION, TMA)
     dk *= SM_SCALE
     bthd = _bthd_offset(off_b, off_h, offs_n, offs_d, H, T, HEAD_DIM)
     tl.store(DK + bthd, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -470,14 +503,22 @@ def _hopper(device):
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _use_tma(q, k, v):
-    """The forward reads q, k, v and writes O through TMA descriptors on Hopper (sm_90+) at D = 128, where that took
-    11-13% off its GPU time up to T = 4096 on the H200 (less beyond), at ~80 us more host time per call for the four
-    descriptors; at D = 64 it lost 1-3% (KERNEL_NOTES.md, v9). TMA needs 16-bit elements here (the only ones
-    measured), and a 16-byte-aligned base and strides, which the model's views have (and our O, allocated here)."""
-    return (TMA_FORWARD and not _INTERPRET and q.is_cuda and q.shape[-1] in FWD_TMA_CONFIGS
+def _use_tma(configs, q, k, v, *others):
+    """The kernel whose TMA configs are `configs` reads q, k, v (and writes O) through TMA descriptors on Hopper
+    (sm_90+) at the head dims those configs list. The forward at D = 128: 11-13% off its GPU time up to T = 4096 on
+    the H200 (less beyond), at ~80 us more host time per call for the four descriptors; at D = 64 it lost 1-3%
+    (KERNEL_NOTES.md, v9). TMA needs 16-bit elements here (the only ones measured), and a 16-byte-aligned base and
+    strides, which the model's views have (and our O, allocated here); `others` (dO) are checked too."""
+    return (TMA_FORWARD and not _INTERPRET and q.is_cuda and q.shape[-1] in configs
             and q.dtype in (torch.float16, torch.bfloat16) and _hopper(q.device) and _tma_aligned(q)
-            and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0)  # k, v have q's strides; O is ours (aligned)
+            and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0  # k, v have q's strides; O is ours (aligned)
+            and all(_tma_aligned(x) for x in others))
+
+
+def _bwd_uses_tma(q, k, v, do):
+    """The backward through TMA descriptors: 3-6% off its GPU time from T = 2048 at D = 64 and 4-6% from T = 1024 at
+    D = 128 on the H200, at ~160 us more host time per call for its eight descriptors (KERNEL_NOTES.md, v11)."""
+    return q.shape[2] >= BWD_TMA_MIN_T and _use_tma(DQ_TMA_CONFIGS, q, k, v, do)
 
 
 def _tma_aligned(x):
@@ -490,11 +531,10 @@ def _descriptor_strides(x):
     return [st if n > 1 else x.shape[-1] for n, st in zip(x.shape[:-1], x.stride()[:-1])] + [x.stride(-1)]
 
 
-def _fwd_descriptors(config, q, k, v, o):
-    """Host-side TMA descriptors over the (B, H, T, D) views, one (BLOCK, D) tile per load or store."""
-    block = {"q": config.kwargs["BLOCK_M"], "kv": config.kwargs["BLOCK_N"]}
-    return [TensorDescriptor(x, list(x.shape), _descriptor_strides(x), [1, 1, block[name], x.shape[-1]])
-            for x, name in ((q, "q"), (k, "kv"), (v, "kv"), (o, "q"))]
+def _descriptors(tensors, rows):
+    """Host-side TMA descriptors over (B, H, T, D) views, each loading or storing (rows, D) tiles."""
+    return [TensorDescriptor(x, list(x.shape), _descriptor_strides(x), [1, 1, n, x.shape[-1]])
+            for x, n in zip(tensors, rows)]
 
 
 def _bthd_strides(x):
@@ -522,16 +562,20 @@ def attention_forward(q, k, v, config=None, tma=None):
     q, k, v = _unit_stride(q, k, v)
     o = _bthd(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    tma = _use_tma(q, k, v) if tma is None else tma
+    tma = _use_tma(FWD_TMA_CONFIGS, q, k, v) if tma is None else tma
     configs = FWD_TMA_CONFIGS if tma else FWD_CONFIGS
-    tensors = _fwd_descriptors(config or configs_for(configs, D)[0], q, k, v, o) if tma else (q, k, v, o)
+    tensors = (q, k, v, o)
+    if tma:
+        c = (config or configs_for(configs, D)[0]).kwargs
+        tensors = _descriptors(tensors, (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_N"], c["BLOCK_M"]))
     _launch(_attn_fwd, configs, config, "BLOCK_M", B, H, T, (*tensors, lse, *q.stride()[:3], H, T), q.dtype, D,
             q.device, TMA=tma)
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, dq_config=None, dkdv_config=None):
-    """Returns (dq, dk, dv). The dQ kernel runs first: it also computes delta, which the dK/dV kernel reads."""
+def attention_backward(do, q, k, v, o, lse, dq_config=None, dkdv_config=None, tma=None):
+    """Returns (dq, dk, dv). The dQ kernel runs first: it also computes delta, which the dK/dV kernel reads. tma: q, k,
+    v and dO through TMA descriptors or pointers; None chooses (_use_tma), tests force either."""
     B, H, T, D = q.shape
     q, k, v = _unit_stride(q, k, v)
     if do.stride(-1) != 1:
@@ -541,10 +585,19 @@ def attention_backward(do, q, k, v, o, lse, dq_config=None, dkdv_config=None):
     dq, dk, dv = _bthd(q), _bthd(k), _bthd(v)
     delta = torch.empty_like(lse)
     strides = (*q.stride()[:3], *do.stride()[:3], H, T)
-    _launch(_attn_bwd_dq, DQ_CONFIGS, dq_config, "BLOCK_M2", B, H, T, (q, k, v, o, do, dq, lse, delta, *strides),
-            q.dtype, D, q.device)
-    _launch(_attn_bwd_dkdv, DKDV_CONFIGS, dkdv_config, "BLOCK_N1", B, H, T, (q, k, v, do, dk, dv, lse, delta, *strides),
-            q.dtype, D, q.device)
+    tma = _bwd_uses_tma(q, k, v, do) if tma is None else tma
+    dq_configs, dkdv_configs = (DQ_TMA_CONFIGS, DKDV_TMA_CONFIGS) if tma else (DQ_CONFIGS, DKDV_CONFIGS)
+    dq_in = dkdv_in = (q, k, v, do)
+    if tma:
+        c = (dq_config or configs_for(dq_configs, D)[0]).kwargs
+        dq_in = _descriptors(dq_in, (c["BLOCK_M2"], c["BLOCK_N2"], c["BLOCK_N2"], c["BLOCK_M2"]))
+        c = (dkdv_config or configs_for(dkdv_configs, D)[0]).kwargs
+        dkdv_in = _descriptors(dkdv_in, (c["BLOCK_M1"], c["BLOCK_N1"], c["BLOCK_N1"], c["BLOCK_M1"]))
+    (q_, k_, v_, do_), (q1, k1, v1, do1) = dq_in, dkdv_in
+    _launch(_attn_bwd_dq, dq_configs, dq_config, "BLOCK_M2", B, H, T, (q_, k_, v_, o, do_, dq, lse, delta, *strides),
+            q.dtype, D, q.device, TMA=tma)
+    _launch(_attn_bwd_dkdv, dkdv_configs, dkdv_config, "BLOCK_N1", B, H, T,
+            (q1, k1, v1, do1, dk, dv, lse, delta, *strides), q.dtype, D, q.device, TMA=tma)
     return dq, dk, dv
 
 

@@ -135,15 +135,20 @@ def kernel_ms(fn, name, n=10):
     return sum(e.self_device_time_total for e in prof.key_averages() if e.key.startswith(name)) / n / 1e3
 
 
-def survey(module, seq_lens):
+def survey(module, seq_lens, kernels=tuple(CANDIDATES), tma=None):
     """Every candidate config of each kernel, alone, at each head dim and T (B·T and H·D fixed): the kernel's GPU
-    time, or why it could not run. The other two kernels run their first candidate."""
+    time, or why it could not run. The other two kernels run their first candidate. tma: True or False forces the
+    TMA or the pointer path (Hopper; our backend only), None lets the backend choose."""
     configs = {name: [triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=s) for *blocks, w, s in shapes]
                for name, (names, shapes) in CANDIDATES.items()}
     fwd0, dq0, dkdv0 = (c[0] for c in configs.values())
-    calls = {"_attn_fwd": lambda q, k, v, do, o, lse, c: module.attention_forward(q, k, v, c),
-             "_attn_bwd_dq": lambda q, k, v, do, o, lse, c: module.attention_backward(do, q, k, v, o, lse, c, dkdv0),
-             "_attn_bwd_dkdv": lambda q, k, v, do, o, lse, c: module.attention_backward(do, q, k, v, o, lse, dq0, c)}
+    path = {} if tma is None else {"tma": tma}
+    calls = {"_attn_fwd": lambda q, k, v, do, o, lse, c: module.attention_forward(q, k, v, c, **path),
+             "_attn_bwd_dq": lambda q, k, v, do, o, lse, c: module.attention_backward(do, q, k, v, o, lse, c, dkdv0,
+                                                                                      **path),
+             "_attn_bwd_dkdv": lambda q, k, v, do, o, lse, c: module.attention_backward(do, q, k, v, o, lse, dq0, c,
+                                                                                        **path)}
+    calls = {name: calls[name] for name in kernels}
     results = {}
     for D in (64, 128):
         for T in seq_lens:
@@ -208,6 +213,9 @@ def main():
     parser.add_argument("--configs", action="store_true", help="survey every candidate config of every triton kernel "
                         "(and of each variant) per head dim and T instead")
     parser.add_argument("--seq-lens", default="512,1024,2048,4096,8192,16384", help="T values of the --configs survey")
+    parser.add_argument("--kernels", default=",".join(CANDIDATES), help="the kernels the --configs survey covers")
+    parser.add_argument("--tma", action="store_true", help="--configs: survey our kernels through TMA descriptors "
+                        "as well as through pointers (Hopper), as the rows 'triton tma' and 'triton pointer'")
     parser.add_argument("--out_dir", default=os.path.join(ROOT, "out"), help="where the JSON goes (results/ for the "
                         "repo's own figures)")
     parser.add_argument("--out", default=None, help="JSON path (default <out_dir>/attention_bench_<gpu>.json)")
@@ -223,9 +231,14 @@ def main():
         seq_lens = [int(t) for t in args.seq_lens.split(",")]
         record = {**env, "timing": "GPU time of each kernel (torch profiler), bf16, strided q/k/v views; B·T = "
                   f"{SURVEY_TOKENS}, H·D = {SURVEY_WIDTH}", "candidates": CANDIDATES,
-                  "results": {name: survey(module, seq_lens)
-                              for name, module in {"triton": triton_attention, **variants}.items()}}
-        out = args.out or os.path.join(args.out_dir, f"attention_configs_{gpu_slug(gpu)}.json")
+                  "results": {}}
+        kernels = args.kernels.split(",")
+        paths = {"triton tma": True, "triton pointer": False} if args.tma else {"triton": None}
+        for name, tma in paths.items():
+            record["results"][name] = survey(triton_attention, seq_lens, kernels, tma)
+        for name, module in variants.items():
+            record["results"][name] = survey(module, seq_lens, kernels)
+        out = args.out or os.path.join(args.out_dir, f"attention_configs{'_tma' if args.tma else ''}_{gpu_slug(gpu)}.json")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             json.dump(record, f, indent=1)

@@ -13,7 +13,8 @@ import os, subprocess, sys, torch, triton, triton.language as tl
 sys.path.insert(0, {root!r})
 from attention import triton as ta
 kernel, config, D = ta.{kernel}, ta.{configs}[{D}][{i}], {D}
-constexprs = {{**ta._meta(torch.bfloat16, D), **config.kwargs}}
+defaults = {{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}}  # TMA: the pointer path
+constexprs = {{**defaults, **ta._meta(torch.bfloat16, D), **config.kwargs}}
 types = {{n: "constexpr" if n in constexprs else "i32" if n in ("H", "T", "BH", "T_BUCKET") or not n.isupper()
          else "*fp32" if n in ("LSE", "DELTA") else "*bf16" for n in kernel.arg_names}}
 attrs = {{(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)

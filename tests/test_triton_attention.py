@@ -114,6 +114,25 @@ def test_tma_forward_equals_the_pointer_forward(dtype, D, T):
     assert_close("out", o, attention_fp64(q, k, v), dtype)
 
 
+@pytest.mark.parametrize("T", MASKED_T + (1,))
+@pytest.mark.parametrize("D", (128, 64))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_tma_backward_equals_the_pointer_backward(dtype, D, T):
+    # The same two kernels, reading q, k, v and dO through descriptors (dO in the (B, T, H, D) memory order the
+    # model's gradient arrives in): rows past T must load as zeros, so the gradients must be the pointer path's bit
+    # for bit, and within rounding of fp64.
+    qkv, (q, k, v), do = make_inputs(2, 3, T, D, dtype, seed=T)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    do = do.transpose(1, 2).contiguous().transpose(1, 2)
+    dq_config, dkdv_config = ta.configs_for(ta.DQ_TMA_CONFIGS, D)[0], ta.configs_for(ta.DKDV_TMA_CONFIGS, D)[0]
+    o, lse = ta.attention_forward(q, k, v, tma=False)
+    grads = ta.attention_backward(do, q, k, v, o, lse, dq_config, dkdv_config, tma=True)
+    grads_ptr = ta.attention_backward(do, q, k, v, o, lse, dq_config, dkdv_config, tma=False)
+    assert all(torch.equal(g, g_ptr) for g, g_ptr in zip(grads, grads_ptr))
+    for name, g, ref in zip(("dq", "dk", "dv"), grads, reference(qkv, do, 3)[1:]):
+        assert_close(name, g, ref, dtype, zero=T == 1 and name != "dv")
+
+
 def test_tma_needs_16_byte_alignment():
     # TMA takes a 16-byte-aligned base and strides; the model's views have them, other layouts take the pointers.
     _, (q, k, v), _ = make_inputs(1, 2, 8, 64, torch.bfloat16, seed=0)
@@ -124,7 +143,7 @@ def test_tma_needs_16_byte_alignment():
     # A size-1 dimension's stride is never used, whatever torch says it is: it does not count against alignment.
     odd = torch.as_strided(torch.zeros(2 * 8 * 64, dtype=torch.bfloat16), (1, 2, 8, 64), (3, 512, 64, 1))
     assert ta._descriptor_strides(odd) == [64, 512, 64, 1] and ta._tma_aligned(odd)
-    assert not ta._use_tma(q, k, v) or q.is_cuda  # never on the CPU (interpreter) unless forced
+    assert not ta._use_tma(ta.FWD_TMA_CONFIGS, q, k, v) or q.is_cuda  # never on the CPU (interpreter) unless forced
 
 
 def test_tiling_predicates():
@@ -394,10 +413,16 @@ def test_gpu_long_rows_64bit_offsets():
     q, k, v = q.detach(), k.detach(), v.detach()
     cfg = lambda c: ta.configs_for(c, D)[0]  # noqa: E731
     o, lse = ta.attention_forward(q, k, v, cfg(ta.FWD_CONFIGS), tma=False)
-    if ta._use_tma(q, k, v):  # Hopper: the TMA forward (the one taken at D = 128) must give the same bits
+    if ta._use_tma(ta.FWD_TMA_CONFIGS, q, k, v):  # Hopper: the TMA forward (taken at D = 128) must give the same bits
         o_tma, lse_tma = ta.attention_forward(q, k, v, cfg(ta.FWD_TMA_CONFIGS), tma=True)
         assert torch.equal(o_tma, o) and torch.equal(lse_tma, lse)
-    dq, dk, dv = ta.attention_backward(do, q, k, v, o, lse, cfg(ta.DQ_CONFIGS), cfg(ta.DKDV_CONFIGS))
+    dq, dk, dv = ta.attention_backward(do, q, k, v, o, lse, cfg(ta.DQ_CONFIGS), cfg(ta.DKDV_CONFIGS), tma=False)
+    if ta._use_tma(ta.DQ_TMA_CONFIGS, q, k, v, do):  # and the TMA backward the pointer backward's, at its configs
+        configs = cfg(ta.DQ_TMA_CONFIGS), cfg(ta.DKDV_TMA_CONFIGS)
+        grads_tma = ta.attention_backward(do, q, k, v, o, lse, *configs, tma=True)
+        grads_ptr = ta.attention_backward(do, q, k, v, o, lse, *configs, tma=False)
+        assert all(torch.equal(a, b) for a, b in zip(grads_tma, grads_ptr))
+        del grads_tma, grads_ptr
     rows = torch.tensor([0, 1, 2, T // 2, T - 3, T - 2, T - 1], device="cuda")
     last = slice(4, 7)  # rows[last] = the last three
     for h in (0, H - 1):
@@ -432,11 +457,20 @@ def test_gpu_many_batch_heads():
 
 
 @gpu_only
-def test_gpu_forward_takes_tma_on_hopper_at_head_dim_128():
+def test_gpu_takes_tma_on_hopper():
+    # The forward at D = 128, the backward at D = 64 and 128, 16-bit inputs only.
     hopper = torch.cuda.get_device_capability()[0] >= 9
-    for D, dtype, expected in ((128, torch.bfloat16, hopper), (64, torch.bfloat16, False), (128, torch.float32, False)):
-        _, (q, k, v), _ = make_inputs(2, 768 // D, 64, D, dtype, seed=0)
-        assert ta._use_tma(q, k, v) == expected, (D, dtype)
+    for D, dtype, fwd, bwd in ((128, torch.bfloat16, hopper, hopper), (64, torch.float16, False, hopper),
+                               (32, torch.bfloat16, False, False), (128, torch.float32, False, False)):
+        _, (q, k, v), do = make_inputs(2, 768 // D, 64, D, dtype, seed=0)
+        assert ta._use_tma(ta.FWD_TMA_CONFIGS, q, k, v) == fwd, (D, dtype)
+        assert ta._use_tma(ta.DQ_TMA_CONFIGS, q, k, v, do) == bwd, (D, dtype)
+    _, (q, k, v), do = make_inputs(2, 6, 64, 128, torch.bfloat16, seed=0)
+    odd = torch.empty(2 * 6 * 64 * 128 + 1, dtype=do.dtype, device=do.device)[1:].view(do.shape)
+    assert not ta._use_tma(ta.DQ_TMA_CONFIGS, q, k, v, odd)  # dO's base 2 bytes off: pointers
+    for T in (ta.BWD_TMA_MIN_T - 1, ta.BWD_TMA_MIN_T):  # the backward takes TMA from BWD_TMA_MIN_T on
+        _, (q, k, v), do = make_inputs(1, 2, T, 64, torch.bfloat16, seed=0)
+        assert ta._bwd_uses_tma(q, k, v, do) == (hopper and T >= ta.BWD_TMA_MIN_T), T
 
 
 @gpu_only
