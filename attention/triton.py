@@ -27,9 +27,10 @@ layouts are copied first. dO may have any strides with unit stride along D. O an
 attention is free and their strides need not be passed. Row offsets into the strided inputs are int64 (T·stride_t
 passes 2^31 at long T); the grid folds B·H over two axes, so any batch·head count launches.
 
-Hopper: on sm_90+ at D = 128 the forward reads q, k, v and writes O through host-side TMA tensor descriptors (4-D,
-over the (B, H, T, D) views; rows past T load as zeros and are not stored), the same kernel with TMA=True; elsewhere,
-and always under the interpreter unless a test asks, through pointers (_use_tma says why).
+Hopper: on sm_90+ the forward at D = 128 reads q, k, v and writes O, and the backward at D = 64 and 128 from T = 1024
+reads q, k, v and dO, through host-side TMA tensor descriptors (4-D, over the (B, H, T, D) views; rows past T load
+as zeros and are not stored), the same kernels with TMA=True; elsewhere, and always under the interpreter unless a
+test asks, through pointers (_use_tma and _bwd_uses_tma say why).
 
 Launches: Triton's generic launch path costs more host time than these kernels take on the GPU at the GPT-2 shape,
 so after the first (autotuning) call the compiled kernels are launched directly, on the Triton version where that
@@ -62,13 +63,13 @@ _VERIFIED = triton.__version__.split(".")[:2] == ["3", "6"]
 DIRECT_LAUNCH = not _INTERPRET and _VERIFIED
 if DIRECT_LAUNCH:
     from triton import knobs
-# The forward through host-side TMA descriptors (see _use_tma) likewise: Triton 3.6 only, where it was run on the GPU
-# (the interpreter runs it too, where a test asks). Elsewhere the pointer path.
+# The kernels through host-side TMA descriptors (see _use_tma) likewise: Triton 3.6 only, where they ran on the GPU
+# (the interpreter runs them too, where a test asks). Elsewhere the pointer path.
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     TensorDescriptor = None
-TMA_FORWARD = _VERIFIED and TensorDescriptor is not None
+TMA_DESCRIPTORS = _VERIFIED and TensorDescriptor is not None
 # Grid axes 1 and 2 hold at most 65,535 programs each; batch·head is folded over both (see _grid).
 MAX_GRID_YZ = 65535
 HEAD_DIMS = (16, 32, 64, 128)
@@ -509,15 +510,16 @@ def _use_tma(configs, q, k, v, *others):
     the H200 (less beyond), at ~80 us more host time per call for the four descriptors; at D = 64 it lost 1-3%
     (KERNEL_NOTES.md, v9). TMA needs 16-bit elements here (the only ones measured), and a 16-byte-aligned base and
     strides, which the model's views have (and our O, allocated here); `others` (dO) are checked too."""
-    return (TMA_FORWARD and not _INTERPRET and q.is_cuda and q.shape[-1] in configs
+    return (TMA_DESCRIPTORS and not _INTERPRET and q.is_cuda and q.shape[-1] in configs
             and q.dtype in (torch.float16, torch.bfloat16) and _hopper(q.device) and _tma_aligned(q)
             and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0  # k, v have q's strides; O is ours (aligned)
             and all(_tma_aligned(x) for x in others))
 
 
 def _bwd_uses_tma(q, k, v, do):
-    """The backward through TMA descriptors: 3-6% off its GPU time from T = 2048 at D = 64 and 4-6% from T = 1024 at
-    D = 128 on the H200, at ~160 us more host time per call for its eight descriptors (KERNEL_NOTES.md, v11)."""
+    """The backward through TMA descriptors: on the H200 its GPU time fell 1.5% at T = 1024 and 3-7% beyond at D = 64,
+    5-8% from T = 1024 at D = 128, for 30-130 us more host time per call, mostly spent building the eight descriptors
+    (KERNEL_NOTES.md, v11)."""
     return q.shape[2] >= BWD_TMA_MIN_T and _use_tma(DQ_TMA_CONFIGS, q, k, v, do)
 
 

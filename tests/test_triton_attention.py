@@ -196,21 +196,21 @@ def test_folded_grid(monkeypatch, B, H):
 def test_launch_path_choice():
     # The direct CompiledKernel.run launch needs a compiled kernel, so it cannot run under the CPU interpreter:
     # here the standard launch is the one path (test_gpu_launch_paths_agree compares both on the GPU). This checks
-    # that the direct path and the TMA forward are chosen only on Triton 3.6 and that importing the backend needs
+    # that the direct path and the TMA paths are chosen only on Triton 3.6 and that importing the backend needs
     # nothing from 3.4+.
     code = ("import sys, triton\n"
             "triton.__version__ = sys.argv[1]\n"
             "if sys.argv[1] < '3.4':\n"
             "    sys.modules['triton.knobs'] = sys.modules['triton.tools.tensor_descriptor'] = None; del triton.knobs\n"
             "from attention import triton as ta\n"
-            "print(ta.DIRECT_LAUNCH, ta.TMA_FORWARD)\n")
+            "print(ta.DIRECT_LAUNCH, ta.TMA_DESCRIPTORS)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for version, direct in (("3.3.1", False), ("3.5.0", False), ("3.6.0", True), ("3.8.0", False)):
         out = subprocess.run([sys.executable, "-c", code, version], env=env, cwd=root, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.split() == [str(direct)] * 2, (version, out.stdout)  # the TMA forward: 3.6 only too
+        assert out.stdout.split() == [str(direct)] * 2, (version, out.stdout)  # the TMA paths: 3.6 only too
 
 
 # --- the production path (autograd through the custom op, default/autotuned config) ------------------------------
