@@ -131,7 +131,7 @@ DKDV_TMA_CONFIGS = {64: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 4
                     128: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 64, 4, 2)])}
 BWD_TMA_MIN_T = 1024  # below it the TMA backward lost at D = 64 (4% at T = 512) and gained 1% at D = 128
 if any(len(c) != 1 for configs in (FWD_TMA_CONFIGS, DQ_TMA_CONFIGS, DKDV_TMA_CONFIGS) for c in configs.values()):
-    raise ValueError("the TMA config lists hold one config per head dim: the descriptors are made with its block shapes")
+    raise ValueError("the TMA config lists hold one config per head dim: the descriptors take its block shapes")
 
 
 def configs_for(configs, head_dim):
@@ -298,7 +298,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, stride_b, stride_h, stride_t, s
                  BH, T_BUCKET,
                  HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
                  COMPUTE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
-    """With TMA, Q, K, V and DO are descriptors (see _bwd_descriptors) and their strides go unused."""
+    """With TMA, Q, K, V and DO are descriptors (see attention_backward) and their strides go unused."""
     tl.static_assert(BLOCK_M2 % BLOCK_N2 == 0, "the diagonal tile must split into whole BLOCK_N2 tiles")
     off_bh = _batch_head()
     if off_bh >= BH:  # past the end of a folded grid
@@ -315,7 +315,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, stride_b, stride_h, stride_t, s
     bthd = _bthd_offset(off_b, off_h, offs_m, offs_d, H, T, HEAD_DIM)
     if TMA:
         q = _desc_tile(Q, off_b, off_h, start_m * BLOCK_M2, BLOCK_M2, HEAD_DIM, COMPUTE)
-        do = _desc_tile(DO, off_b, off_h, start_m * BLOCK_M2, BLOCK_M2, HEAD_DIM, DO.dtype)
+        do = _desc_tile(DO, off_b, off_h, start_m * BLOCK_M2, BLOCK_M2, HEAD_DIM, DO.dtype)  # as stored, for delta
     else:
         q = tl.load(_rows(Q + qkv_offset, offs_m, stride_t, offs_d), mask=row_ok[:, None], other=0.0).to(COMPUTE)
         do = tl.load(_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, offs_d),
@@ -374,7 +374,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, stride_b, stride_h, stride_t
                    H, T, BH, T_BUCKET,
                    HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr,
                    COMPUTE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
-    """With TMA, Q, K, V and DO are descriptors (see _bwd_descriptors) and their strides go unused."""
+    """With TMA, Q, K, V and DO are descriptors (see attention_backward) and their strides go unused."""
     tl.static_assert(BLOCK_N1 % BLOCK_M1 == 0, "the diagonal tile must split into whole BLOCK_M1 tiles")
     off_bh = _batch_head()
     if off_bh >= BH:  # past the end of a folded grid
@@ -577,7 +577,7 @@ def attention_forward(q, k, v, config=None, tma=None):
 
 def attention_backward(do, q, k, v, o, lse, dq_config=None, dkdv_config=None, tma=None):
     """Returns (dq, dk, dv). The dQ kernel runs first: it also computes delta, which the dK/dV kernel reads. tma: q, k,
-    v and dO through TMA descriptors or pointers; None chooses (_use_tma), tests force either."""
+    v and dO through TMA descriptors or pointers; None chooses (_bwd_uses_tma), tests force either."""
     B, H, T, D = q.shape
     q, k, v = _unit_stride(q, k, v)
     if do.stride(-1) != 1:
@@ -590,16 +590,16 @@ def attention_backward(do, q, k, v, o, lse, dq_config=None, dkdv_config=None, tm
     tma = _bwd_uses_tma(q, k, v, do) if tma is None else tma
     dq_configs, dkdv_configs = (DQ_TMA_CONFIGS, DKDV_TMA_CONFIGS) if tma else (DQ_CONFIGS, DKDV_CONFIGS)
     dq_in = dkdv_in = (q, k, v, do)
-    if tma:
+    if tma:  # each kernel's descriptors carry its own tile shapes
         c = (dq_config or configs_for(dq_configs, D)[0]).kwargs
         dq_in = _descriptors(dq_in, (c["BLOCK_M2"], c["BLOCK_N2"], c["BLOCK_N2"], c["BLOCK_M2"]))
         c = (dkdv_config or configs_for(dkdv_configs, D)[0]).kwargs
         dkdv_in = _descriptors(dkdv_in, (c["BLOCK_M1"], c["BLOCK_N1"], c["BLOCK_N1"], c["BLOCK_M1"]))
-    (q_, k_, v_, do_), (q1, k1, v1, do1) = dq_in, dkdv_in
-    _launch(_attn_bwd_dq, dq_configs, dq_config, "BLOCK_M2", B, H, T, (q_, k_, v_, o, do_, dq, lse, delta, *strides),
+    q_in, k_in, v_in, do_in = dq_in
+    _launch(_attn_bwd_dq, dq_configs, dq_config, "BLOCK_M2", B, H, T,
+            (q_in, k_in, v_in, o, do_in, dq, lse, delta, *strides), q.dtype, D, q.device, TMA=tma)
+    _launch(_attn_bwd_dkdv, dkdv_configs, dkdv_config, "BLOCK_N1", B, H, T, (*dkdv_in, dk, dv, lse, delta, *strides),
             q.dtype, D, q.device, TMA=tma)
-    _launch(_attn_bwd_dkdv, dkdv_configs, dkdv_config, "BLOCK_N1", B, H, T,
-            (q1, k1, v1, do1, dk, dv, lse, delta, *strides), q.dtype, D, q.device, TMA=tma)
     return dq, dk, dv
 
 

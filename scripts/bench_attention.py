@@ -4,6 +4,8 @@
     python scripts/bench_attention.py --variant v2=path/to/other_triton.py   # extra rows for kernel experiments
     python scripts/bench_attention.py --configs        # every candidate config of every triton kernel, per D and T:
                                                        # results/attention_configs_<gpu>.json
+    python scripts/bench_attention.py --configs --tma  # the same through TMA descriptors and through pointers (Hopper):
+                                                       # results/attention_configs_tma_<gpu>.json
 
 Two times per call: the median of triton.testing.do_bench (wall clock between CUDA events, L2 flushed before each
 repeat, so the host's launch overhead counts where the GPU waits for it), and the GPU time, the summed durations
@@ -238,7 +240,8 @@ def main():
             record["results"][name] = survey(triton_attention, seq_lens, kernels, tma)
         for name, module in variants.items():
             record["results"][name] = survey(module, seq_lens, kernels)
-        out = args.out or os.path.join(args.out_dir, f"attention_configs{'_tma' if args.tma else ''}_{gpu_slug(gpu)}.json")
+        filename = f"attention_configs{'_tma' if args.tma else ''}_{gpu_slug(gpu)}.json"
+        out = args.out or os.path.join(args.out_dir, filename)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             json.dump(record, f, indent=1)

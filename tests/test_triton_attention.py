@@ -97,7 +97,7 @@ def test_every_config(i):
     check_kernels(2, 3, MASKED_T[i % 3], D, DTYPES[i % 3], seed=i, fwd_config=fwd, dq_config=dq, dkdv_config=dkdv)
 
 
-# --- the forward through TMA descriptors (on Hopper at D = 128; forced here, also under the interpreter) ------------
+# --- the kernels through TMA descriptors (taken on Hopper; forced here, also under the interpreter) ----------------
 @pytest.mark.parametrize("T", MASKED_T + (1,))
 @pytest.mark.parametrize("D", (128, 16))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
