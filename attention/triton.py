@@ -224,7 +224,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, kv_offset, off_b, off_h, stride_t, offs_m
 def _attn_fwd(Q, K, V, O, LSE, stride_b, stride_h, stride_t, H, T, BH, T_BUCKET,
               HEAD_DIM: tl.constexpr, SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               COMPUTE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
-    """With TMA, Q, K, V and O are host-side descriptors over the (B, H, T, D) views (see _fwd_descriptors) and the
+    """With TMA, Q, K, V and O are host-side descriptors over the (B, H, T, D) views (see attention_forward) and the
     strides go unused: TMA forms addresses from per-dimension coordinates with 64-bit strides."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "the diagonal tile must split into whole BLOCK_N tiles")
     off_bh = _batch_head()
@@ -533,10 +533,17 @@ def _descriptor_strides(x):
     return [st if n > 1 else x.shape[-1] for n, st in zip(x.shape[:-1], x.stride()[:-1])] + [x.stride(-1)]
 
 
-def _descriptors(tensors, rows):
-    """Host-side TMA descriptors over (B, H, T, D) views, each loading or storing (rows, D) tiles."""
-    return [TensorDescriptor(x, list(x.shape), _descriptor_strides(x), [1, 1, n, x.shape[-1]])
-            for x, n in zip(tensors, rows)]
+# Each kernel's descriptor arguments (with TMA=True), in order, and the block size that is their tiles' row count.
+TMA_TILES = {_attn_fwd: {"Q": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N", "O": "BLOCK_M"},
+             _attn_bwd_dq: {"Q": "BLOCK_M2", "K": "BLOCK_N2", "V": "BLOCK_N2", "DO": "BLOCK_M2"},
+             _attn_bwd_dkdv: {"Q": "BLOCK_M1", "K": "BLOCK_N1", "V": "BLOCK_N1", "DO": "BLOCK_M1"}}
+
+
+def _descriptors(kernel, config, tensors):
+    """Host-side TMA descriptors over (B, H, T, D) views for the descriptor arguments of `kernel` run with `config`,
+    each loading or storing (rows, D) tiles."""
+    return [TensorDescriptor(x, list(x.shape), _descriptor_strides(x), [1, 1, config.kwargs[block], x.shape[-1]])
+            for x, block in zip(tensors, TMA_TILES[kernel].values())]
 
 
 def _bthd_strides(x):
@@ -568,8 +575,7 @@ def attention_forward(q, k, v, config=None, tma=None):
     configs = FWD_TMA_CONFIGS if tma else FWD_CONFIGS
     tensors = (q, k, v, o)
     if tma:
-        c = (config or configs_for(configs, D)[0]).kwargs
-        tensors = _descriptors(tensors, (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_N"], c["BLOCK_M"]))
+        tensors = _descriptors(_attn_fwd, config or configs_for(configs, D)[0], tensors)
     _launch(_attn_fwd, configs, config, "BLOCK_M", B, H, T, (*tensors, lse, *q.stride()[:3], H, T), q.dtype, D,
             q.device, TMA=tma)
     return o, lse
@@ -591,10 +597,8 @@ def attention_backward(do, q, k, v, o, lse, dq_config=None, dkdv_config=None, tm
     dq_configs, dkdv_configs = (DQ_TMA_CONFIGS, DKDV_TMA_CONFIGS) if tma else (DQ_CONFIGS, DKDV_CONFIGS)
     dq_in = dkdv_in = (q, k, v, do)
     if tma:  # each kernel's descriptors carry its own tile shapes
-        c = (dq_config or configs_for(dq_configs, D)[0]).kwargs
-        dq_in = _descriptors(dq_in, (c["BLOCK_M2"], c["BLOCK_N2"], c["BLOCK_N2"], c["BLOCK_M2"]))
-        c = (dkdv_config or configs_for(dkdv_configs, D)[0]).kwargs
-        dkdv_in = _descriptors(dkdv_in, (c["BLOCK_M1"], c["BLOCK_N1"], c["BLOCK_N1"], c["BLOCK_M1"]))
+        dq_in = _descriptors(_attn_bwd_dq, dq_config or configs_for(dq_configs, D)[0], dq_in)
+        dkdv_in = _descriptors(_attn_bwd_dkdv, dkdv_config or configs_for(dkdv_configs, D)[0], dkdv_in)
     q_in, k_in, v_in, do_in = dq_in
     _launch(_attn_bwd_dq, dq_configs, dq_config, "BLOCK_M2", B, H, T,
             (q_in, k_in, v_in, o, do_in, dq, lse, delta, *strides), q.dtype, D, q.device, TMA=tma)

@@ -1,14 +1,17 @@
 """What each config of a Triton kernel costs the GPU's resources, found without a GPU: registers, local memory (spills),
 shared memory, and whether Triton software-pipelined its loops.
 
-    python scripts/kernel_resources.py                       # attention/triton.py's three kernels, every config
+    python scripts/kernel_resources.py                       # attention/triton.py's three kernels, every config,
+                                                             # through pointers and (the *_TMA_CONFIGS) descriptors
     python scripts/kernel_resources.py attention.triton:_attn_bwd_dq:DQ_CONFIGS --arch 80   # one kernel, for the A100
 
 Each kernel is compiled for the target architecture with Triton's own compiler and ptxas (`triton.compile` with a
 GPUTarget, no driver needed), bf16, at each head dim of its config list, with the integer arguments that the
 model's strided views make divisible by 16 (strides, T) marked so, as they are at run time; registers and stack come
 from `cuobjdump --dump-resource-usage`. A stack above 0 means spills. `async copies` counts the cp.async copies in
-the kernel's TTGIR: 0 in a kernel with loops means none of its loads was software-pipelined.
+the kernel's TTGIR: 0 in a kernel with loops means none of its loads was software-pipelined. A config list whose name
+ends in _TMA_CONFIGS is compiled with TMA=True, its descriptor arguments (attention.triton.TMA_TILES) typed as
+host-side descriptors; its lines say "TMA" after the kernel's name and count the TMA copies instead.
 """
 import argparse
 import importlib
@@ -28,28 +31,33 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from attention.triton import _meta  # noqa: E402
+from attention.triton import TMA_TILES, _meta  # noqa: E402
 
 DEFAULT = ["attention.triton:_attn_fwd:FWD_CONFIGS", "attention.triton:_attn_bwd_dq:DQ_CONFIGS",
-           "attention.triton:_attn_bwd_dkdv:DKDV_CONFIGS"]
+           "attention.triton:_attn_bwd_dkdv:DKDV_CONFIGS", "attention.triton:_attn_fwd:FWD_TMA_CONFIGS",
+           "attention.triton:_attn_bwd_dq:DQ_TMA_CONFIGS", "attention.triton:_attn_bwd_dkdv:DKDV_TMA_CONFIGS"]
 POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "LOCKS": "*i32"}  # the others: the inputs' bf16
 INTEGERS = {"H", "T", "BH", "T_BUCKET"}  # upper-case like the tensors, after the paper's notation
 
 
 def signature(kernel, constexprs):
-    """Argument types: upper-case names are tensors (pointers) but for INTEGERS, the rest 32-bit integers; and which
-    are divisible by 16."""
+    """Argument types: upper-case names are tensors (pointers, or with TMA host-side descriptors of the kernel's
+    tiles) but for INTEGERS, the rest 32-bit integers; and which are divisible by 16."""
     types = {n: "constexpr" if n in constexprs else "i32" if n in INTEGERS or not n.isupper() else
              POINTER_TYPES.get(n, "*bf16") for n in kernel.arg_names}
+    if constexprs.get("TMA"):
+        for name, block in TMA_TILES[kernel].items():
+            types[name] = f"tensordesc<bf16[1, 1, {constexprs[block]}, {constexprs['HEAD_DIM']}]>"
     aligned = [n for n in kernel.arg_names if types[n].startswith("*") or n.startswith("stride") or n == "T"]
     return types, {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
 
 
-def constexprs_for(kernel, head_dim, config):
+def constexprs_for(kernel, head_dim, config, tma=False):
     """The kernel's constexprs as a bf16 call on the GPU sets them (also where the interpreter is on: it computes in
-    fp32), with those that have a default (the forward's TMA: the pointer path) at it."""
+    fp32), with those that have a default at it but TMA: the descriptor path or the pointer path."""
     defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
-    return {**defaults, **_meta(torch.bfloat16, head_dim), "COMPUTE": tl.bfloat16, **config.kwargs}
+    return {**defaults, **_meta(torch.bfloat16, head_dim), "COMPUTE": tl.bfloat16, **config.kwargs,
+            **({"TMA": True} if tma else {})}
 
 
 def resources(kernel, constexprs, config, arch):
@@ -64,7 +72,8 @@ def resources(kernel, constexprs, config, arch):
                                check=True).stdout
     return dict(registers=int(re.search(r"REG:(\d+)", usage).group(1)),
                 stack=int(re.search(r"STACK:(\d+)", usage).group(1)), shared=compiled.metadata.shared,
-                async_copies=compiled.asm["ttgir"].count("async_copy_global_to_local"))
+                async_copies=compiled.asm["ttgir"].count("async_copy_global_to_local"),
+                tma_copies=compiled.asm["ttgir"].count("async_tma_copy_global_to_local"))
 
 
 def main():
@@ -77,13 +86,15 @@ def main():
         module_name, kernel_name, configs_name = spec.split(":")
         module = importlib.import_module(module_name)
         kernel, configs = getattr(module, kernel_name), getattr(module, configs_name)
+        tma = configs_name.endswith("_TMA_CONFIGS")
         for head_dim, config_list in configs.items():
             for config in config_list:
-                r = resources(kernel, constexprs_for(kernel, head_dim, config), config, args.arch)
+                r = resources(kernel, constexprs_for(kernel, head_dim, config, tma), config, args.arch)
                 label = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
-                print(f"{kernel_name} D={head_dim} {label} w{config.num_warps} s{config.num_stages} (sm_{args.arch}): "
-                      f"{r['registers']} registers, {r['stack']} B stack{' (spills)' if r['stack'] else ''}, "
-                      f"{r['shared']} B shared, {r['async_copies']} async copies", flush=True)
+                copies = f"{r['tma_copies']} TMA copies" if tma else f"{r['async_copies']} async copies"
+                print(f"{kernel_name}{' TMA' if tma else ''} D={head_dim} {label} w{config.num_warps} "
+                      f"s{config.num_stages} (sm_{args.arch}): {r['registers']} registers, {r['stack']} B stack"
+                      f"{' (spills)' if r['stack'] else ''}, {r['shared']} B shared, {copies}", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,3 +44,36 @@ def test_registers_and_spills_match_ptxas(tmp_path):
         assert f": {registers} registers, " in line, (line, ptxas)
         assert ("(spills)" in line) == (spills > 0), (line, ptxas)
         assert not line.endswith(" 0 async copies"), line  # both kernels' loops are software-pipelined
+
+
+# The most shared memory one block may use (the CUDA programming guide's per-block limit), by compute capability.
+SHARED_PER_BLOCK = {86: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+POINTER_LISTS = ["_attn_fwd:FWD_CONFIGS", "_attn_bwd_dq:DQ_CONFIGS", "_attn_bwd_dkdv:DKDV_CONFIGS"]
+TMA_LISTS = ["_attn_fwd:FWD_TMA_CONFIGS", "_attn_bwd_dq:DQ_TMA_CONFIGS", "_attn_bwd_dkdv:DKDV_TMA_CONFIGS"]
+
+
+def shared_bytes(arch, lists):
+    """{(kernel [TMA], D): [shared bytes of each config]} from scripts/kernel_resources.py compiled for `arch`."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "kernel_resources.py"), "--arch", str(arch),
+                          *(f"attention.triton:{spec}" for spec in lists)], env=ENV, cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    shared = {}
+    for line in out.splitlines():
+        shared.setdefault(line.split(" BLOCK")[0], []).append(int(re.search(r"(\d+) B shared", line).group(1)))
+    return shared
+
+
+def test_config_lists_fit_in_shared_memory():
+    # A config that needs more shared memory than a block may have fails at launch (OutOfResources). The autotuner
+    # skips such a config, so each pointer list needs one that fits on the smallest GPUs it serves (99 KB per block
+    # on sm_86 and sm_89); a TMA list holds one config, which runs untuned on every GPU from sm_90 on (sm_120 has
+    # 99 KB per block again).
+    pointer = shared_bytes(86, POINTER_LISTS)
+    assert len(pointer) == 6  # three kernels at D = 64 and 128
+    for key, shared in pointer.items():
+        assert min(shared) <= SHARED_PER_BLOCK[86], (key, shared)
+    for arch in (90, 100, 120):
+        tma = shared_bytes(arch, TMA_LISTS)
+        assert len(tma) == 5 and all(len(s) == 1 for s in tma.values())  # fwd at D = 128, the backward at 64 and 128
+        for key, (shared,) in tma.items():
+            assert shared <= SHARED_PER_BLOCK[arch], (arch, key, shared)
