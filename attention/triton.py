@@ -132,6 +132,8 @@ DKDV_TMA_CONFIGS = {64: _configs(("BLOCK_N1", "BLOCK_M1"), _dkdv_ok, [(64, 32, 4
 BWD_TMA_MIN_T = 1024  # below it the TMA backward lost at D = 64 (4% at T = 512) and gained 1% at D = 128
 if any(len(c) != 1 for configs in (FWD_TMA_CONFIGS, DQ_TMA_CONFIGS, DKDV_TMA_CONFIGS) for c in configs.values()):
     raise ValueError("the TMA config lists hold one config per head dim: the descriptors take its block shapes")
+if DQ_TMA_CONFIGS.keys() != DKDV_TMA_CONFIGS.keys():  # _bwd_uses_tma asks one list for both backward kernels
+    raise ValueError("DQ_TMA_CONFIGS and DKDV_TMA_CONFIGS must cover the same head dims")
 
 
 def configs_for(configs, head_dim):
