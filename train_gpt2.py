@@ -33,7 +33,7 @@ from data.tokenizer import gpt2_encoding
 from model import GPT
 from training import checkpoints, metrics
 from training.checkpoints import CheckpointError
-from training.config import ConfigError, flat_config, grad_accum_steps, help_text, load_config
+from training.config import CUDA_GRAPH_MODES, ConfigError, flat_config, grad_accum_steps, help_text, load_config
 from training.distributed import STOPPED_EXIT_CODE, StopRequest, any_rank, barrier, broadcast, check_same_config
 from training.precision import BF16Params
 from training.run_dir import RunDirError, claim
@@ -118,6 +118,10 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
         # Read when the graph is partitioned (at the first step), not here: one budget per process.
         torch._functorch.config.activation_memory_budget = cfg.activation_memory_budget
         model = torch.compile(model, fullgraph=True, mode=cfg.compile_mode)
+    # CUDA graphs (compile_mode reduce-overhead or max-autotune) replay each micro-step into the same output buffers, so
+    # a gradient that the first micro-step's backward hands to a parameter as its .grad would be overwritten by the
+    # next replay. Accumulating every micro-step into zeroed buffers of our own copies each graph output once instead.
+    own_grads = list(model.parameters()) if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES else []
     compiled = model  # evaluation calls this one: DDP's wrapper is for training steps
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -168,6 +172,8 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        for p in own_grads:
+            p.grad = torch.zeros_like(p)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             x, y = loader.next_batch(device)  # pinned memory, copied without blocking the host

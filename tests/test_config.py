@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from training.config import CONFIG_DIR, ConfigError, load_config
+from training.config import COMPILE_MODES, CONFIG_DIR, CUDA_GRAPH_MODES, ConfigError, load_config
 
 
 def test_both_flag_forms():
@@ -158,8 +158,14 @@ def test_fp8_lm_head_on_a_gpu_without_fp8_tensor_cores_says_what_to_do(monkeypat
         check_machine(cfg, torch.device("mps"), 0)
 
 
-@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
-def test_cuda_graph_compile_modes_are_refused_with_the_reason(mode):
-    with pytest.raises(ConfigError, match=rf"^compile_mode '{mode}' captures CUDA graphs, .* choose default or "
-                       "max-autotune-no-cudagraphs$"):
-        load_config(["--config", "tiny", "--compile_mode", mode])
+def test_compile_modes_are_torch_compiles_and_the_cuda_graph_ones_are_known():
+    """The trainer accumulates gradients into its own buffers in exactly the modes where Inductor captures CUDA graphs
+    (train_gpt2.py); torch.compile's own table of modes is the reference."""
+    import torch._inductor
+    torch_modes = torch._inductor.list_mode_options()
+    assert set(COMPILE_MODES) <= set(torch_modes)
+    assert set(CUDA_GRAPH_MODES) == {m for m in COMPILE_MODES if torch_modes[m].get("triton.cudagraphs")}
+    assert load_config(["--config", "tiny", "--compile_mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match=r"^compile_mode 'fast': choose one of default, reduce-overhead, "
+                       r"max-autotune-no-cudagraphs, max-autotune$"):
+        load_config(["--config", "tiny", "--compile_mode", "fast"])
