@@ -99,20 +99,22 @@ def test_triton_without_a_gpu_or_interpreter_fails_before_training(data_dir, tmp
 def test_cuda_graph_mode_accumulates_into_its_own_buffers_and_trains_identically(tmp_path):
     """compile_mode reduce-overhead makes the trainer accumulate each micro-step's gradients into zeroed buffers of its
     own (on a GPU, CUDA graphs overwrite their outputs at the next replay; on this CPU Inductor captures none, so
-    this checks the accumulation path itself): 3 micro-steps per step, losses and final weights bitwise equal to the
-    default mode's, with and without bf16 parameters."""
+    this checks the accumulation path itself): 6 micro-steps per step, losses and final weights bitwise equal to the
+    default mode's, with and without bf16 parameters, and under DDP (2 processes, gloo, 3 micro-steps each)."""
     start = np.random.default_rng(0).integers(0, 128, 400)
     write_shard(tmp_path / "count_train_000000.bin", (start[:, None] + np.arange(16)).ravel() % 128)
-    common = [f"--data_dir={tmp_path}", "--max_steps=3", "--batch_size=2", "--total_batch_size=96", "--compile",
+    common = [f"--data_dir={tmp_path}", "--max_steps=3", "--batch_size=2", "--total_batch_size=192", "--compile",
               "--checkpoint_interval=3", "--learning_rate=0.01"]
-    for bf16 in ("--bf16_params=false", "--bf16_params=true"):
-        runs = {mode: train(*common, bf16, f"--compile_mode={mode}", f"--out_dir={tmp_path / bf16 / mode}")
+    for bf16, nproc in (("false", 1), ("true", 1), ("true", 2)):
+        name = f"bf16_{bf16}_nproc{nproc}"
+        runs = {mode: train(*common, f"--bf16_params={bf16}", f"--compile_mode={mode}",
+                            f"--out_dir={tmp_path / name / mode}", nproc=nproc)
                 for mode in ("default", "reduce-overhead")}
         assert all(r.returncode == 0 for r in runs.values()), [r.stderr for r in runs.values()]
-        assert "3 micro-step(s)" in runs["default"].stdout
-        losses = {m: [r["loss"] for r in read_metrics(tmp_path / bf16 / m)] for m in runs}
+        assert f"{6 // nproc} micro-step(s) of 2x16 per process" in runs["default"].stdout
+        losses = {m: [r["loss"] for r in read_metrics(tmp_path / name / m)] for m in runs}
         assert losses["reduce-overhead"] == losses["default"]
-        weights = {m: torch.load(tmp_path / bf16 / m / "checkpoints" / "step_000003" / "model.pt") for m in runs}
+        weights = {m: torch.load(tmp_path / name / m / "checkpoints" / "step_000003" / "model.pt") for m in runs}
         assert all(torch.equal(w, weights["default"][k]) for k, w in weights["reduce-overhead"].items())
 
 
