@@ -166,6 +166,8 @@ def test_compile_modes_are_torch_compiles_and_the_cuda_graph_ones_are_known():
     assert set(COMPILE_MODES) <= set(torch_modes)
     assert set(CUDA_GRAPH_MODES) == {m for m in COMPILE_MODES if torch_modes[m].get("triton.cudagraphs")}
     assert load_config(["--config", "tiny", "--compile_mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
+    from training.config import help_text
+    assert " | ".join(COMPILE_MODES) in help_text()  # --help lists them (from the dataclass's comment)
     with pytest.raises(ConfigError, match=r"^compile_mode 'fast': choose one of default, reduce-overhead, "
                        r"max-autotune-no-cudagraphs, max-autotune$"):
         load_config(["--config", "tiny", "--compile_mode", "fast"])

@@ -66,7 +66,7 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
     compile: bool = True  # torch.compile the whole model (fullgraph=True)
-    compile_mode: str = "default"  # torch.compile mode, one of COMPILE_MODES
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune-no-cudagraphs | max-autotune
     activation_memory_budget: float = 1.0  # torch.compile: below 1, keep that share of the activations for backward, recompute the rest (elementwise)
     bf16_params: bool = False  # bf16 parameters, gradients and activations, AdamW on fp32 masters (training/precision.py)
     dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before the run fails
