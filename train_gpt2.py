@@ -152,10 +152,24 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
         wandb_id = run.id if run else wandb_id
     profiler = metrics.step_profiler(cfg) if master else None
 
-    status = 0
+    def log_step(step, lr, loss, grad_norm, dt):
+        mem = metrics.peak_memory_gib(device)
+        row = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, dt_ms=1e3 * dt, tok_per_s=tokens_per_step / dt,
+                   tok_per_s_per_gpu=tokens_per_step / dt / world, mfu=mfu(dt), peak_mem_gib=mem)
+        rows.append(row)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        if run:
+            run.log(row, step=step)
+        eta = (cfg.max_steps - 1 - step) * dt
+        print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.4f} | {1e3 * dt:8.2f} ms | "
+              f"{tokens_per_step / dt:10,.0f} tok/s | MFU {'n/a' if peak is None else format(row['mfu'], '.1%')} | "
+              f"{'n/a' if mem is None else format(mem, '.2f')} GiB | ETA {datetime.timedelta(seconds=round(eta))}")
+
+    status, waiting, last_ready = 0, [], 0.0
     for step in range(start_step, cfg.max_steps):
         last = step == cfg.max_steps - 1
-        if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
+        if evaluates(cfg, step):
             results = evaluate(cfg, compiled, raw_model, val_loader, device, step_autocast, autocast, rank, world,
                                encoding, stop)
             if master and results:
@@ -192,36 +206,42 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
         optimizer.step()
         if bf16:
             bf16.master_to_model()
-        # One all-reduce and one host sync per step: the mean loss, and whether any rank was asked to stop.
+        # One all-reduce a step: the mean loss, and whether any rank was asked to stop (SUM: gloo has no AVG).
         flags = torch.stack([loss_sum / (accum * world), stop.flag(device)])
-        if ddp:  # SUM: gloo has no AVG
+        if ddp:
             dist.all_reduce(flags)
-        loss, stops = flags.tolist()  # waits for the step to finish
-        grad_norm = grad_norm.item()  # already computed by now: a copy, not a wait
-        dt = time.perf_counter() - t0
-        if not math.isfinite(loss):  # every rank sees the same all-reduced loss, so all stop here together
+        waiting.append(metrics.StepFigures(step, lr, t0, torch.cat([flags, grad_norm.float().reshape(1)])))
+        # The host reads them now, waiting for the GPU; with overlap_steps a step later, once the next step is queued
+        # behind this one, but now all the same before the host stops queueing steps for a while (an evaluation, a
+        # checkpoint, the profiler's trace, the end), so that no step's time takes that pause in, and at the end of
+        # the timing warm-up, so that the timed steps' total is exact even where a late read moves time from one
+        # step to the next (below). Decided alike on every rank, and so is every rank's reaction to what it reads.
+        now = (not cfg.overlap_steps or last or evaluates(cfg, step + 1) or saves_after(cfg, step)
+               or step == cfg.timing_warmup - 1 or step in metrics.traced_steps(cfg)[-1:])
+        stops = 0
+        while waiting and (now or len(waiting) > 1 or stops):
+            figures = waiting.pop(0)
+            loss, flag, grad_norm = figures.read()
+            # A step's time runs from when the host began it or, where the host began it before it had read the step
+            # before (overlap_steps), from that read: a read that comes late moves time from one step to the next.
+            dt = figures.ready - max(figures.t0, last_ready)
+            last_ready = figures.ready
+            if not math.isfinite(loss):  # every rank sees the same all-reduced loss, so all stop here together
+                if master:
+                    print(f"error: non-finite loss at step {figures.step}; stopping before any checkpoint of this state")
+                status = 1
+                break
+            if flag and not stops:  # the first step that carries the request (a later one may too)
+                stops, stop_step = flag, figures.step
             if master:
-                print(f"error: non-finite loss at step {step}; stopping before any checkpoint of this state")
-            status = 1
+                log_step(figures.step, figures.lr, loss, grad_norm, dt)
+        if status:
             break
-        if master:
-            mem = metrics.peak_memory_gib(device)
-            row = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, dt_ms=1e3 * dt, tok_per_s=tokens_per_step / dt,
-                       tok_per_s_per_gpu=tokens_per_step / dt / world, mfu=mfu(dt), peak_mem_gib=mem)
-            rows.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            if run:
-                run.log(row, step=step)
-            eta = (cfg.max_steps - 1 - step) * dt
-            print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.4f} | {1e3 * dt:8.2f} ms | "
-                  f"{tokens_per_step / dt:10,.0f} tok/s | MFU {'n/a' if peak is None else format(row['mfu'], '.1%')} | "
-                  f"{'n/a' if mem is None else format(mem, '.2f')} GiB | ETA {datetime.timedelta(seconds=round(eta))}")
         if profiler:
             profiler.step()
         if stops and master:
-            print(f"stop requested (by {int(stops)} rank(s)) at step {step}: every rank stops after it")
-        if cfg.checkpoint_interval and ((step + 1) % cfg.checkpoint_interval == 0 or last or stops):
+            print(f"stop requested (by {int(stops)} rank(s)) at step {stop_step}: every rank stops after step {step}")
+        if saves_after(cfg, step) or (stops and cfg.checkpoint_interval):
             state = {"loader": loader.state_dict(), "config": settings, "world_size": world, "wandb_id": wandb_id}
             checkpoints.save_checkpoint(cfg.out_dir, step + 1, cfg.keep_last, raw_model, optimizer, state, rank,
                                         lambda: barrier(world))
@@ -327,6 +347,16 @@ def evaluate(cfg, model, raw_model, val_loader, device, step_autocast, autocast,
         results["samples"] = [encoding.decode(row.tolist()) for row in out]
     raw_model.train()
     return None if stop.signalled else results
+
+
+def evaluates(cfg, step):
+    """Whether the run evaluates before training step `step`: every eval_interval steps and before the last."""
+    return bool(cfg.eval_interval) and (step % cfg.eval_interval == 0 or step == cfg.max_steps - 1)
+
+
+def saves_after(cfg, step):
+    """Whether the run writes a checkpoint after step `step`: every checkpoint_interval steps and after the last."""
+    return bool(cfg.checkpoint_interval) and ((step + 1) % cfg.checkpoint_interval == 0 or step == cfg.max_steps - 1)
 
 
 @torch.no_grad()

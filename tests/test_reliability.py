@@ -37,6 +37,25 @@ def test_a_stop_request_on_one_rank_stops_every_rank_at_the_same_step(data_dir, 
     assert "parameters identical on all 2 ranks: yes" in run.stdout
 
 
+def test_with_overlap_steps_a_nan_or_a_stop_is_acted_on_a_step_later(data_dir, tmp_path):
+    """overlap_steps reads step N's figures after step N+1 is queued. A NaN at step 1 is seen then: the run stops
+    (exit 1) before any checkpoint, with only step 0 logged. A stop request during step 2 is seen after step 3:
+    every rank finishes step 3, logs it, saves the state after it and exits as stopped."""
+    common = [f"--data_dir={data_dir}", *DIST, "--max_steps=8", "--checkpoint_interval=5", "--overlap_steps"]
+    run = train(*common, f"--out_dir={tmp_path / 'nan'}", nproc=2, fault="nan:1:1")
+    assert run.returncode != 0 and "exitcode  : 1" in run.stderr, run.stderr
+    assert "non-finite loss at step 1" in run.stdout
+    assert [r["step"] for r in read_metrics(tmp_path / "nan")] == [0]
+    assert not os.path.exists(tmp_path / "nan" / "checkpoints") or not os.listdir(tmp_path / "nan" / "checkpoints")
+
+    run = train(*common, f"--out_dir={tmp_path / 'stop'}", nproc=2, fault="stop:1:2")
+    assert run.returncode != 0 and f"exitcode  : {STOPPED_EXIT_CODE}" in run.stderr, run.stderr
+    assert "stop requested (by 1 rank(s)) at step 2: every rank stops after step 3" in run.stdout
+    assert [r["step"] for r in read_metrics(tmp_path / "stop")] == [0, 1, 2, 3]
+    assert os.listdir(tmp_path / "stop" / "checkpoints") == ["step_000004"]
+    assert "parameters identical on all 2 ranks: yes" in run.stdout
+
+
 def test_only_rank_zero_writes_logs(data_dir, tmp_path):
     run = train(f"--data_dir={data_dir}", *DIST, "--max_steps=5", f"--out_dir={tmp_path}", nproc=2)
     assert run.returncode == 0, run.stderr

@@ -118,6 +118,30 @@ def test_cuda_graph_mode_accumulates_into_its_own_buffers_and_trains_identically
         assert all(torch.equal(w, weights["default"][k]) for k, w in weights["reduce-overhead"].items())
 
 
+def test_overlap_steps_logs_the_same_steps_and_saves_the_same_checkpoints(data_dir, tmp_path):
+    """overlap_steps reads each step's figures a step late, except before an evaluation, a checkpoint and the end:
+    the same rows (step, loss, lr, norm), evaluations and checkpoints as reading them at once, with every one of
+    those occasions falling mid-run."""
+    common = [f"--data_dir={data_dir}", "--max_steps=9", "--batch_size=2", "--eval_interval=4", "--eval_batches=1",
+              "--checkpoint_interval=3", "--keep_last=5", "--sample_count=0"]
+    runs = {o: train(*common, f"--overlap_steps={o}", f"--out_dir={tmp_path / o}") for o in ("false", "true")}
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr for r in runs.values()]
+    keys = ("step", "loss", "lr", "grad_norm")
+    rows = {o: [{k: r[k] for k in keys} for r in read_metrics(tmp_path / o)] for o in runs}
+    assert [r["step"] for r in rows["true"]] == list(range(9)) and rows["true"] == rows["false"]
+    assert all(r["dt_ms"] > 0 for r in read_metrics(tmp_path / "true"))  # each step's own time, even when read late
+    assert (tmp_path / "true" / "evals.jsonl").read_text() == (tmp_path / "false" / "evals.jsonl").read_text()
+    lines = {o: [line.split(" | ")[:4] for line in r.stdout.splitlines() if line.startswith(("step ", "eval "))]
+             for o, r in runs.items()}
+    assert lines["true"] == lines["false"]  # the same order of step and evaluation lines, the same figures
+    saved = sorted(os.listdir(tmp_path / "true" / "checkpoints"))
+    assert saved == sorted(os.listdir(tmp_path / "false" / "checkpoints")) == ["step_000003", "step_000006",
+                                                                               "step_000009"]
+    for name in saved:
+        a, b = (torch.load(tmp_path / o / "checkpoints" / name / "model.pt") for o in ("true", "false"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_speed_settings_train_like_the_plain_path(tmp_path):
     """Every speed and memory setting (bf16 parameters with fp32 masters, the fused chunked loss, GELU recomputed,
     compiled with a memory budget) against the plain path: the same losses within bf16's precision, and checkpoints

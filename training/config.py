@@ -69,6 +69,7 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune-no-cudagraphs | max-autotune
     activation_memory_budget: float = 1.0  # torch.compile: below 1, keep that share of the activations for backward, recompute the rest (elementwise)
     bf16_params: bool = False  # bf16 parameters, gradients and activations, AdamW on fp32 masters (training/precision.py)
+    overlap_steps: bool = False  # read each step's loss, norm and stop flag a step late: the host queues the next step meanwhile
     dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before the run fails
     seed: int = 1337  # random seed of the initialisation and the samples
     out_dir: str = "out"  # the run's folder: config, logs, summary, checkpoints (one run per folder)

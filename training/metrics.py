@@ -84,9 +84,39 @@ def peak_memory_gib(device):
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+class StepFigures:
+    """A step's figures (a 1-D float tensor) on their way to the host. On CUDA the copy goes to pinned memory without
+    blocking, behind an event, so the host waits for the step's GPU work only when it reads them; elsewhere the
+    step's work is done and the values are there when they are made. `ready`: when the host had them (on CUDA, when
+    it read them; time.perf_counter)."""
+
+    def __init__(self, step, lr, t0, values):
+        self.step, self.lr, self.t0 = step, lr, t0  # t0: when the host began the step
+        self._event = None
+        if values.is_cuda:
+            self._values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._values.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._values, self.ready = values, time.perf_counter()
+
+    def read(self):
+        if self._event is not None:
+            self._event.synchronize()
+            self.ready = time.perf_counter()
+        return self._values.tolist()
+
+
+def traced_steps(cfg):
+    """The steps that step_profiler traces: cfg.profile_steps of them after the timing warm-up. It writes the trace
+    in the .step() call that ends the last of them."""
+    return range(cfg.timing_warmup, cfg.timing_warmup + cfg.profile_steps)
+
+
 def step_profiler(cfg):
-    """A torch.profiler that traces GPU kernels over cfg.profile_steps steps after the timing warm-up and writes
-    out_dir/trace.json (Chrome trace format); None when profiling is off. Call .step() after every step."""
+    """A torch.profiler that traces GPU kernels over traced_steps(cfg) and writes out_dir/trace.json (Chrome trace
+    format); None when profiling is off. Call .step() after every step."""
     if not cfg.profile_steps:
         return None
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
