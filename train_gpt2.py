@@ -155,7 +155,8 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
     def log_step(step, lr, loss, grad_norm, dt):
         mem = metrics.peak_memory_gib(device)
         row = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, dt_ms=1e3 * dt, tok_per_s=tokens_per_step / dt,
-                   tok_per_s_per_gpu=tokens_per_step / dt / world, mfu=mfu(dt), peak_mem_gib=mem)
+                   tok_per_s_per_gpu=tokens_per_step / dt / world, mfu=mfu(dt), peak_mem_gib=mem,
+                   time=time.time())  # when the host had the step's figures (Unix time): lines the log up with others
         rows.append(row)
         log.write(json.dumps(row) + "\n")
         log.flush()

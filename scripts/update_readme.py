@@ -12,6 +12,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from compare_attention import markdown_table  # noqa: E402
+import compare_settings  # noqa: E402
 import scaling  # noqa: E402
 
 
@@ -210,13 +211,28 @@ def profile_block():
     return "\n".join(out)
 
 
+def settings_block():
+    """The tables of scripts/compare_settings.py: each setting's alternating runs with the GPU's clock and power."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", "settings_*.json"))):
+        report = load(path)
+        if not report.get("gpu"):
+            continue  # CPU trial runs are not results
+        means = report["mean_ms"]
+        out += [f"**{report['setting']}**, `{report['config']}`, {report['nproc']} x {report['gpu']}, {report['attention']} "
+                f"(`results/{os.path.basename(path)}`; ms/step: {timing(report)}):", "",
+                compare_settings.markdown_table(report["setting"], report["rows"], means), "",
+                f"<sub>{provenance(report)}</sub>", ""]
+    return "\n".join(out)
+
+
 def main():
     path = os.path.join(ROOT, "README.md")
     text = original = open(path).read()
     for name, block in (("step49", step49_block), ("full_training", full_training_block), ("validation", validation_block),
                         ("scaling", scaling_block),
                         ("attention_bench", bench_block), ("seq_len_sweep", sweep_block), ("long_context", long_context_block),
-                        ("sample_speed", sample_speed_block), ("profile", profile_block)):
+                        ("sample_speed", sample_speed_block), ("profile", profile_block), ("settings", settings_block)):
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
         if not pattern.search(text):
             sys.exit(f"README.md has no <!-- results:{name} --> ... <!-- /results:{name} --> markers")

@@ -1,7 +1,9 @@
-"""scripts/compare_attention.py end to end on the tiny configuration (CPU, compile off)."""
+"""scripts/compare_attention.py and scripts/compare_settings.py end to end on the tiny configuration (CPU, compile
+off)."""
 import json
 import os
 import sys
+import time
 from argparse import Namespace
 
 import numpy as np
@@ -58,3 +60,53 @@ def test_validation_losses_reach_the_readme_table(data_dir, tmp_path, monkeypatc
     table = update_readme.validation_block("tiny")
     assert "| run | backend | val loss, step 2 | val loss, step 3 |" in table
     assert f"| `tiny_cpu` | sdpa | {evals[0]['val_loss']:.4f} | {evals[1]['val_loss']:.4f} |" in table
+
+
+def test_settings_runs_alternate_and_their_gpu_figures_cover_the_timed_steps(data_dir, tmp_path):
+    """scripts/compare_settings.py: runs in the order A B A B, each row from its own run's files; the GPU figures are
+    the means of the samples taken during the steps that the run's mean ms/step covers, and none without samples."""
+    import compare_settings
+    results = tmp_path / "results"
+    compare_settings.main(["--config", "tiny", "--setting", "batch_size", "2", "4", "--repeat", "2", "--compile", "off",
+                           "--results_dir", str(results), "--", f"--data_dir={data_dir}", *SMALL])
+    report = json.load(open(results / "settings_batch_size_tiny_cpu.json"))
+    rows = report["rows"]
+    assert [(r["value"], r["repeat"]) for r in rows] == [("2", 0), ("4", 0), ("2", 1), ("4", 1)]
+    for r in rows:
+        run_dir = results / "runs" / "cpu" / "settings_batch_size_tiny" / f"{r['value']}-{r['repeat']}"
+        metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+        assert r["status"] == "ok" and r["ms"] == pytest.approx(np.mean([m["dt_ms"] for m in metrics[1:]]))
+        assert f"--batch_size {r['value']}" in r["command"]
+        assert r["gpu_samples"] == 0 and r["sm_clock_mhz"] is None  # no nvidia-smi on a CPU machine
+    for value in ("2", "4"):
+        ms = [r["ms"] for r in rows if r["value"] == value]
+        assert report["mean_ms"][value]["ms"] == pytest.approx(np.mean(ms))
+    assert report["mean_ms"]["4"]["vs_first"] == pytest.approx(report["mean_ms"]["4"]["ms"] / report["mean_ms"]["2"]["ms"])
+    assert "| 4 | 1 |" in (results / "settings_batch_size_tiny_cpu.md").read_text()
+
+    # The window: from the start of the first timed step (its logged time less its dt) to the last step's time.
+    run_dir = results / "runs" / "cpu" / "settings_batch_size_tiny" / "2-0"
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    summary = json.load(open(run_dir / "summary.json"))
+    start, end = compare_settings.timed_window(str(run_dir), summary)
+    assert start == pytest.approx(metrics[1]["time"] - metrics[1]["dt_ms"] / 1e3) and end == metrics[-1]["time"]
+    samples = [(start - 1, 1000.0, 300.0, 0.0), (start, 1500.0, 690.0, 1.0), (end, 1700.0, 700.0, 0.0),
+               (end + 1, 1980.0, 100.0, 0.0)]
+    assert compare_settings.gpu_during(samples, (start, end)) == dict(sm_clock_mhz=1600.0, power_w=695.0,
+                                                                       power_capped=0.5, gpu_samples=2)
+    assert compare_settings.gpu_during(samples, None)["sm_clock_mhz"] is None
+
+
+def test_gpu_sampler_averages_the_gpus_and_reads_the_power_cap_bit(tmp_path, monkeypatch):
+    """GpuSampler on a stand-in nvidia-smi that reports two GPUs: one at its power cap (bit 0x4, with another reason
+    beside it), one idle (0x1)."""
+    import compare_settings
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho '1500, 700.00, 0x0000000000000005'\necho '1980, 100.50, 0x0000000000000001'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with compare_settings.GpuSampler(period=0.01) as sampler:
+        deadline = time.time() + 30
+        while len(sampler.samples) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+    assert len(sampler.samples) >= 2 and all(s[1:] == (1740.0, 400.25, 0.5) for s in sampler.samples)
