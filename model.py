@@ -178,10 +178,11 @@ def _compute_dtype(h):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
 
 
-def _to_fp8(x):
-    """x as float8_e4m3 and the fp32 scale with x ≈ x8 * scale: x's largest |value| goes to e4m3's largest, 448."""
-    scale = x.abs().amax().float().clamp(min=1e-30) / torch.finfo(FP8).max
-    return (x.float() / scale).to(FP8), scale
+def _to_fp8(x, dtype=FP8):
+    """x as dtype (float8_e4m3 by default) and the fp32 scale with x ≈ x8 * scale: x's largest |value| goes to the
+    format's largest (448 for e4m3)."""
+    scale = x.abs().amax().float().clamp(min=1e-30) / torch.finfo(dtype).max
+    return (x.float() / scale).to(dtype), scale
 
 
 def _padded_to_16_bytes(w):

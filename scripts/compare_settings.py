@@ -26,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from compare_attention import run_info, run_one  # noqa: E402
+from compare_attention import fmt, run_info, run_one  # noqa: E402
 from training.metrics import gpu_slug  # noqa: E402
 
 POWER_CAP = 0x4  # nvidia-smi's clocks_throttle_reasons.active bit for "SW power cap"
@@ -92,10 +92,6 @@ def mean_by_value(rows, values):
         means[v] = sum(ms) / len(ms) if ms else None
     base = means[values[0]]
     return {v: dict(ms=m, vs_first=m / base if m and base else None) for v, m in means.items()}
-
-
-def fmt(value, spec):
-    return "–" if value is None else format(value, spec)
 
 
 def markdown_table(setting, rows, means):
