@@ -161,7 +161,7 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
         log.write(json.dumps(row) + "\n")
         log.flush()
         if run:
-            run.log(row, step=step)
+            run.log({k: v for k, v in row.items() if k != "time"}, step=step)  # W&B keeps its own clock
         eta = (cfg.max_steps - 1 - step) * dt
         print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.4f} | {1e3 * dt:8.2f} ms | "
               f"{tokens_per_step / dt:10,.0f} tok/s | MFU {'n/a' if peak is None else format(row['mfu'], '.1%')} | "
