@@ -62,10 +62,15 @@ def test_validation_losses_reach_the_readme_table(data_dir, tmp_path, monkeypatc
     assert f"| `tiny_cpu` | sdpa | {evals[0]['val_loss']:.4f} | {evals[1]['val_loss']:.4f} |" in table
 
 
-def test_settings_runs_alternate_and_their_gpu_figures_cover_the_timed_steps(data_dir, tmp_path):
+def test_settings_runs_alternate_and_their_gpu_figures_cover_the_timed_steps(data_dir, tmp_path, monkeypatch):
     """scripts/compare_settings.py: runs in the order A B A B, each row from its own run's files; the GPU figures are
     the means of the samples taken during the steps that the run's mean ms/step covers, and none without samples."""
     import compare_settings
+    failing = tmp_path / "bin" / "nvidia-smi"  # as on a machine without a working nvidia-smi, also on a GPU machine
+    failing.parent.mkdir()
+    failing.write_text("#!/bin/sh\nexit 9\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{failing.parent}{os.pathsep}{os.environ['PATH']}")
     results = tmp_path / "results"
     compare_settings.main(["--config", "tiny", "--setting", "batch_size", "2", "4", "--repeat", "2", "--compile", "off",
                            "--results_dir", str(results), "--", f"--data_dir={data_dir}", *SMALL])
@@ -77,7 +82,7 @@ def test_settings_runs_alternate_and_their_gpu_figures_cover_the_timed_steps(dat
         metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
         assert r["status"] == "ok" and r["ms"] == pytest.approx(np.mean([m["dt_ms"] for m in metrics[1:]]))
         assert f"--batch_size {r['value']}" in r["command"]
-        assert r["gpu_samples"] == 0 and r["sm_clock_mhz"] is None  # no nvidia-smi on a CPU machine
+        assert r["gpu_samples"] == 0 and r["sm_clock_mhz"] is None
     for value in ("2", "4"):
         ms = [r["ms"] for r in rows if r["value"] == value]
         assert report["mean_ms"][value]["ms"] == pytest.approx(np.mean(ms))
