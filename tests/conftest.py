@@ -37,6 +37,13 @@ def data_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture
+def cpu_named(monkeypatch):
+    """The measuring scripts name their files and run folders after the GPU they see; runs with --device=cpu are CPU
+    runs, so a test of them hides the GPU from the script (not from its runs), and the names are the CPU's everywhere."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def train(*flags, nproc=1, env=None, fault=None):
     """Run train_gpt2.py --config tiny with MODEL (under torchrun when nproc > 1) and return the completed process.
     fault="KIND:RANK:STEP" runs it through tests/faulty_train.py, which injects that fault."""

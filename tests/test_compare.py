@@ -16,7 +16,7 @@ SMALL = ["--vocab_size=128", "--n_layer=1", "--n_embd=32", "--seq_len=16", "--bl
          "--timing_warmup=1", "--device=cpu"]
 
 
-def test_table_json_and_plot_come_from_the_runs(data_dir, tmp_path):
+def test_table_json_and_plot_come_from_the_runs(data_dir, tmp_path, cpu_named):
     results = tmp_path / "results"
     compare_attention.main(["--config", "tiny", "--backends", "naive", "sdpa", "--compile", "off",
                             "--results_dir", str(results), "--", f"--data_dir={data_dir}", *SMALL])
@@ -46,7 +46,7 @@ def test_a_failing_run_becomes_a_row(tmp_path):
     assert "| sdpa | off | failed (exit 1) | | | | | | |" in compare_attention.markdown_table([row])
 
 
-def test_validation_losses_reach_the_readme_table(data_dir, tmp_path, monkeypatch):
+def test_validation_losses_reach_the_readme_table(data_dir, tmp_path, monkeypatch, cpu_named):
     """update_readme.validation_block reads each compared run's evals.jsonl: every evaluation after step 0, by step."""
     import update_readme
     results = tmp_path / "results"
@@ -62,7 +62,8 @@ def test_validation_losses_reach_the_readme_table(data_dir, tmp_path, monkeypatc
     assert f"| `tiny_cpu` | sdpa | {evals[0]['val_loss']:.4f} | {evals[1]['val_loss']:.4f} |" in table
 
 
-def test_settings_runs_alternate_and_their_gpu_figures_cover_the_timed_steps(data_dir, tmp_path, monkeypatch):
+def test_settings_runs_alternate_and_their_gpu_figures_cover_the_timed_steps(data_dir, tmp_path, monkeypatch,
+                                                                          cpu_named):
     """scripts/compare_settings.py: runs in the order A B A B, each row from its own run's files; the GPU figures are
     the means of the samples taken during the steps that the run's mean ms/step covers, and none without samples."""
     import compare_settings

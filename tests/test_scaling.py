@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import scaling  # noqa: E402
 
 
-def test_scaling_report_comes_from_the_runs(tmp_path):
+def test_scaling_report_comes_from_the_runs(tmp_path, cpu_named):
     write_shard(tmp_path / "s_train_000000.bin", np.random.default_rng(0).integers(0, 128, 3000))
     results = tmp_path / "results"
     scaling.main(["--nproc", "2", "--backends", "naive", "sdpa", "--config", "tiny", "--compile", "off",
