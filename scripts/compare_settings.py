@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from compare_attention import fmt, run_info, run_one  # noqa: E402
+from training.config import ConfigError, load_config  # noqa: E402
 from training.metrics import gpu_slug  # noqa: E402
 
 POWER_CAP = 0x4  # nvidia-smi's clocks_throttle_reasons.active bit for "SW power cap"
@@ -128,6 +129,11 @@ def main(argv=None):
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     key, values = args.setting[0], args.setting[1:]
+    for value in values:  # every run's settings, checked as the trainer checks them, before the first run starts
+        try:
+            load_config(["--config", args.config, *args.overrides, "--attention", args.attention, f"--{key}", value])
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
 
     import torch  # after argument parsing, so that --help is instant
 

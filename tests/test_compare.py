@@ -116,3 +116,16 @@ def test_gpu_sampler_averages_the_gpus_and_reads_the_power_cap_bit(tmp_path, mon
         while len(sampler.samples) < 2 and time.time() < deadline:
             time.sleep(0.01)
     assert len(sampler.samples) >= 2 and all(s[1:] == (1740.0, 400.25, 0.5) for s in sampler.samples)
+
+
+@pytest.mark.parametrize("setting, message", [(["overlap_stepz", "false", "true"], "did you mean --overlap_steps?"),
+                                              (["overlap_steps", "false", "maybe"], "must be true or false"),
+                                              (["batch_size", "2", "0"], "batch_size must be at least 1")])
+def test_settings_refuses_a_bad_setting_before_any_run(tmp_path, capsys, setting, message):
+    """Each value is checked as the trainer checks its settings, before the first run: one line, exit 1, nothing
+    written (a typo would otherwise cost every run its start-up)."""
+    import compare_settings
+    with pytest.raises(SystemExit) as exit_info:
+        compare_settings.main(["--config", "tiny", "--setting", *setting, "--results_dir", str(tmp_path / "r")])
+    assert exit_info.value.code.startswith("error: ") and message in exit_info.value.code
+    assert "\n" not in exit_info.value.code and not (tmp_path / "r").exists()
