@@ -48,6 +48,7 @@ the interpreter (Dynamo never traces into Triton). Eager calls skip the dispatch
 import functools
 import inspect
 import os
+import sys
 
 import torch
 import triton
@@ -63,6 +64,7 @@ _VERIFIED = triton.__version__.split(".")[:2] == ["3", "6"]
 DIRECT_LAUNCH = not _INTERPRET and _VERIFIED
 if DIRECT_LAUNCH:
     from triton import knobs
+    from triton.backends.nvidia.driver import make_tensordesc_arg
 # The kernels through host-side TMA descriptors (see _use_tma) likewise: Triton 3.6 only, where they ran on the GPU
 # (the interpreter runs them too, where a test asks). Elsewhere the pointer path.
 try:
@@ -70,6 +72,8 @@ try:
 except ImportError:
     TensorDescriptor = None
 TMA_DESCRIPTORS = _VERIFIED and TensorDescriptor is not None
+# The Gluon forward (attention/hopper.py) only with the Triton release it was written and tested against.
+GLUON = triton.__version__ == "3.6.0"
 # Grid axes 1 and 2 hold at most 65,535 programs each; batch·head is folded over both (see _grid).
 MAX_GRID_YZ = 65535
 HEAD_DIMS = (16, 32, 64, 128)
@@ -452,7 +456,7 @@ def _grid(T, rows, BH):
     return triton.cdiv(T, rows), triton.cdiv(BH, z), z
 
 
-# (kernel, its specialisation-relevant arguments) -> (compiled kernel, rows per program, constexpr values)
+# (kernel, its specialisation-relevant arguments) -> (_Direct, rows per program)
 _COMPILED = {}
 
 
@@ -460,44 +464,107 @@ def _launch(kernel, configs, config, block, B, H, T, args, dtype, D, device, **c
     """Launches `kernel` over (tiles of `block` rows, batch·head) with `args` followed by (B·H, T_BUCKET)."""
     BH = B * H
     args = (*args, BH, triton.next_power_of_2(T))
+    if DIRECT_LAUNCH and config is None:
+        key = (kernel, device, D, *map(_specialization, args))
+        entry = _COMPILED.get(key)
+        if entry is not None:
+            direct, rows = entry
+            direct(_grid(T, rows, BH), device, args)
+            return
     meta = {**_meta(dtype, D), **constexprs}
     if _INTERPRET or config is not None:
         config = config or configs_for(configs, D)[0]
-        kernel[_grid(T, config.kwargs[block], BH)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+        kernel[_grid(T, config.kwargs[block], BH)](*_made(args), **meta, **config.kwargs, num_warps=config.num_warps,
                                                    num_stages=config.num_stages)
         return
     tuned = _tuned(kernel, tuple(configs_for(configs, D)))
-    if not DIRECT_LAUNCH:
-        tuned[lambda c: _grid(T, c[block], BH)](*args, **meta)
-        return
-    # Triton's generic launch path (autotuner key, argument binding, specialisation, cache lookup) costs ~70 us of
-    # host time per launch on the H100 machine, longer than our kernels run at the GPT-2 shape. So once the
-    # autotuner has picked and compiled a kernel, it is launched directly. The key holds everything Triton
-    # specialises on: every integer argument exactly, each tensor's dtype and 16-byte alignment, the constexprs
-    # (which follow from dtype and D) and the device.
-    key = (kernel, device, D, *map(_specialization, args))
-    entry = _COMPILED.get(key)
-    if entry is None:
-        compiled = tuned[lambda c: _grid(T, c[block], BH)](*args, **meta)
+    compiled = tuned[lambda c: _grid(T, c[block], BH)](*_made(args), **meta)
+    if DIRECT_LAUNCH:  # the autotuner has picked and compiled the kernel: later calls launch it directly
         constexprs = {**meta, **tuned.best_config.kwargs}
-        _COMPILED[key] = (compiled, tuned.best_config.kwargs[block],
-                          tuple(constexprs[name] for name in kernel.arg_names[len(args):]))
-        return
-    compiled, rows, constexprs = entry
-    grid = _grid(T, rows, BH)
-    stream = driver.active.get_current_stream(device.index)
-    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
-                 compiled.launch_metadata(grid, stream, *args, *constexprs), knobs.runtime.launch_enter_hook,
-                 knobs.runtime.launch_exit_hook, *args, *constexprs)
+        _COMPILED[key] = (_Direct(compiled, [constexprs[name] for name in kernel.arg_names[len(args):]]),
+                          tuned.best_config.kwargs[block])
+
+
+class _Direct:
+    """A compiled kernel launched straight through Triton's C launcher. Triton's generic launch path (autotuner key,
+    argument binding, specialisation, cache lookup, and a TMA descriptor encoded afresh for every descriptor argument
+    of every call) costs more host time than our kernels take on the GPU at the GPT-2 shape. The caller keys this
+    object on everything Triton specialises on (_specialization of every argument, the constexprs and the device);
+    a call then only flattens the arguments, descriptors from _tma_args. Relies on Triton 3.6's launcher (see
+    DIRECT_LAUNCH); while a profiler's launch hooks are set, it takes Triton's own path."""
+
+    def __init__(self, compiled, constexprs):
+        self.compiled, self.constexprs = compiled, constexprs
+        launcher = compiled.run
+        launch = launcher.launch  # wrapped, when the kernel takes descriptors, by a closure that encodes them
+        cells = dict(zip(launch.__code__.co_freevars, (c.cell_contents for c in launch.__closure__))) \
+            if hasattr(launch, "__code__") else {}
+        self.raw = cells.get("launcher", launch)
+        self.metas = getattr(compiled.metadata, "tensordesc_meta", None) or []
+        self.head = (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
+                     compiled.packed_metadata, None, None, None)
+        self.own_path = compiled.metadata.global_scratch_size > 0 or compiled.metadata.profile_scratch_size > 0
+
+    def __call__(self, grid, device, args):
+        stream = driver.active.get_current_stream(device.index)
+        if self.own_path or knobs.runtime.launch_enter_hook is not None:
+            c, args = self.compiled, (*_made(args), *self.constexprs)
+            c.run(*grid, stream, c.function, c.packed_metadata, c.launch_metadata(grid, stream, *args),
+                  knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)
+            return
+        flat, metas = [], iter(self.metas)
+        for arg in args:
+            if type(arg) is _Desc:
+                flat += _tma_args(arg, next(metas, None))
+            else:
+                flat.append(arg)
+        self.raw(*grid, stream, *self.head, *flat, *self.constexprs)
+
+
+class _Desc:
+    """A TMA descriptor argument before it is made: the (B, H, T, D) tensor, the (1, 1, rows, D) tile it moves, and
+    the descriptor class with its extra arguments (Gluon's takes the tile's shared-memory layout). Triton's own launch
+    path gets the descriptor (_made); the direct launch its encoded form (_tma_args)."""
+    __slots__ = ("x", "block", "cls", "extra")
+
+    def __init__(self, x, rows, cls=None, *extra):
+        self.x, self.block, self.cls, self.extra = x, (1, 1, rows, x.shape[-1]), cls or TensorDescriptor, extra
+
+    def make(self):
+        x = self.x
+        return self.cls(x, list(x.shape), _descriptor_strides(x), list(self.block), *self.extra)
+
+
+def _made(args):
+    return [arg.make() if type(arg) is _Desc else arg for arg in args]
+
+
+_TMA_ARGS = {}  # (address, shape, strides, tile, dtype, swizzle) -> a descriptor's launcher arguments
+
+
+def _tma_args(desc, meta):
+    """A descriptor argument as Triton's C launcher takes it (the encoded CUtensorMap, then shape and strides), kept
+    per address, shape, strides and tile: everything the encoding reads, so a hit is exactly what encoding anew
+    would give. A descriptor the kernel reads through pointers (meta None) holds the tensor itself: never kept."""
+    if meta is None:
+        return make_tensordesc_arg(desc.make(), None)
+    x = desc.x
+    key = (x.data_ptr(), x.shape, x.stride(), desc.block, x.dtype, meta["swizzle"])
+    args = _TMA_ARGS.get(key)
+    if args is None:
+        if len(_TMA_ARGS) >= 1024:  # a bound, for a process that sees many shapes and addresses
+            _TMA_ARGS.clear()
+        args = _TMA_ARGS[key] = make_tensordesc_arg(desc.make(), meta)
+    return args
 
 
 def _specialization(arg):
     """What Triton specialises a kernel on for one argument: an integer's value (we key on all of it), a tensor's dtype
-    and 16-byte alignment, a descriptor's dtype and block shape."""
+    and 16-byte alignment, a descriptor's dtype, tile and layout (its address is aligned: _use_tma checks)."""
     if type(arg) is int:
         return arg
-    if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
-        return arg.base.dtype, tuple(arg.block_shape)
+    if type(arg) is _Desc:
+        return arg.x.dtype, arg.block, arg.extra
     return arg.dtype, arg.data_ptr() % 16 == 0
 
 
@@ -516,6 +583,33 @@ def _use_tma(configs, q, k, v, *others):
             and q.dtype in (torch.float16, torch.bfloat16) and _hopper(q.device) and _tma_aligned(q)
             and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0  # k, v have q's strides; O is ours (aligned)
             and all(_tma_aligned(x) for x in others))
+
+
+@functools.lru_cache(maxsize=None)
+def _announce(path):
+    """Says once per process (on rank 0 under torchrun) which kernel a path of the backend runs."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"triton attention {path}", file=sys.stderr, flush=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_kernels():
+    """attention/hopper.py, imported on first use: Gluon is experimental, and only sm_90 with the GLUON version runs it."""
+    from attention import hopper
+    return hopper
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(device):
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def _use_gluon(q, k, v):
+    """The forward runs attention/hopper.py's warp-specialised Gluon kernel on sm_90 (H100, H200) with the Triton
+    version it was tested with, at head dims 64 and 128 in 16-bit floats, with TMA-aligned inputs."""
+    return (GLUON and not _INTERPRET and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] in (64, 128) and _sm90(q.device) and _tma_aligned(q) and k.data_ptr() % 16 == 0
+            and v.data_ptr() % 16 == 0)
 
 
 def _bwd_uses_tma(q, k, v, do):
@@ -542,10 +636,9 @@ TMA_TILES = {_attn_fwd: {"Q": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N", "O": "B
 
 
 def _descriptors(kernel, config, tensors):
-    """Host-side TMA descriptors over (B, H, T, D) views for the descriptor arguments of `kernel` run with `config`,
-    each loading or storing (rows, D) tiles."""
-    return [TensorDescriptor(x, list(x.shape), _descriptor_strides(x), [1, 1, config.kwargs[block], x.shape[-1]])
-            for x, block in zip(tensors, TMA_TILES[kernel].values())]
+    """Host-side TMA descriptor arguments over (B, H, T, D) views for the descriptor arguments of `kernel` run with
+    `config`, each loading or storing (rows, D) tiles."""
+    return [_Desc(x, config.kwargs[block]) for x, block in zip(tensors, TMA_TILES[kernel].values())]
 
 
 def _bthd_strides(x):
@@ -566,13 +659,19 @@ def _unit_stride(q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def attention_forward(q, k, v, config=None, tma=None):
-    """Returns (o, lse); lse is the base-2 row logsumexp of the scaled scores, fp32, shape (B, H, T). tma: through
-    TMA descriptors or pointers; None chooses (_use_tma), tests force either."""
+def attention_forward(q, k, v, config=None, tma=None, gluon=None):
+    """Returns (o, lse); lse is the base-2 row logsumexp of the scaled scores, fp32, shape (B, H, T). gluon: the
+    warp-specialised Hopper kernel (attention/hopper.py); config, tma: the portable kernel with that config, through
+    TMA descriptors or pointers; None chooses (_use_gluon, _use_tma), tests force either."""
     B, H, T, D = q.shape
     q, k, v = _unit_stride(q, k, v)
     o = _bthd(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    if (config is None and tma is None and _use_gluon(q, k, v)) if gluon is None else gluon:
+        _gluon_kernels().forward(q, k, v, o, lse)
+        _announce("forward: the warp-specialised Gluon kernel for sm_90 (attention/hopper.py)")
+        return o, lse
+    _announce("forward: the portable Triton kernel")
     tma = _use_tma(FWD_TMA_CONFIGS, q, k, v) if tma is None else tma
     configs = FWD_TMA_CONFIGS if tma else FWD_CONFIGS
     tensors = (q, k, v, o)
@@ -642,8 +741,10 @@ class _FlashAttention(torch.autograd.Function):
     bottleneck at the GPT-2 shape, eager backward went from 0.383 to 0.280 ms (see KERNEL_NOTES.md)."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
-        o, lse = _fwd_op(q, k, v) if torch.compiler.is_compiling() else attention_forward(q, k, v)
+    def forward(ctx, q, k, v, gluon=None):
+        """gluon: None lets attention_forward choose the forward kernel (as the compiled op always does); False
+        keeps the portable one (scripts/bench_attention.py's "triton tl" row)."""
+        o, lse = _fwd_op(q, k, v) if torch.compiler.is_compiling() else attention_forward(q, k, v, gluon=gluon)
         ctx.save_for_backward(q, k, v, o, lse)
         return o
 
@@ -651,8 +752,8 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         if torch.compiler.is_compiling():
-            return _bwd_op(do, q, k, v, o, lse)
-        return attention_backward(do, q, k, v, o, lse)
+            return *_bwd_op(do, q, k, v, o, lse), None
+        return *attention_backward(do, q, k, v, o, lse), None
 
 
 def _check(q, k, v):

@@ -63,6 +63,8 @@ def backends(variants):
             "sdpa default": sdpa.causal_attention}
     rows.update({f"sdpa {b}": forced_sdpa(b) for b in SDPA_BACKENDS})
     rows["triton"] = triton_attention.causal_attention
+    # The same backend with the portable tl forward kernel where it would take the Gluon one (sm_90).
+    rows["triton tl"] = lambda q, k, v: triton_attention._FlashAttention.apply(q, k, v, False)
     for name, module in variants.items():
         rows[f"triton {name}"] = module.causal_attention
     return rows

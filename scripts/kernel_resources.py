@@ -64,6 +64,43 @@ def resources(kernel, constexprs, config, arch):
     types, attrs = signature(kernel, constexprs)
     compiled = triton.compile(ASTSource(kernel, types, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return dict(**_usage(compiled), async_copies=compiled.asm["ttgir"].count("async_copy_global_to_local"),
+                tma_copies=compiled.asm["ttgir"].count("async_tma_copy_global_to_local"))
+
+
+def gluon_forward(head_dim, arch=90, dtype="bf16"):
+    """attention/hopper.py's warp-specialised forward compiled as attention/hopper.forward launches it: its resources,
+    and the instructions that make it what it is (counted in its PTX)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from attention import hopper
+
+    block_n = hopper.CONSUMERS * hopper.WG_ROWS
+    gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], gl_dtype)
+        return f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{layout!r}>"
+
+    kernel = hopper._attn_fwd_ws
+    constexprs = dict(QK_SCALE=head_dim**-0.5 * hopper.LOG2E, HEAD_DIM=head_dim, STAGES=hopper.FWD_CONFIGS[head_dim],
+                      CONSUMERS=hopper.CONSUMERS, WG_ROWS=hopper.WG_ROWS)
+    types = {"q_desc": desc(hopper.WG_ROWS), "k_desc": desc(block_n), "v_desc": desc(block_n),
+             "o_desc": desc(hopper.WG_ROWS), "LSE": "*fp32", "H": "i32", "T": "i32", "BH": "i32",
+             **{name: "constexpr" for name in constexprs}}
+    attrs = {(kernel.arg_names.index("LSE"),): [["tt.divisibility", 16]]}
+    compiled = triton.compile(GluonASTSource(kernel, types, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=4))
+    ptx = compiled.asm["ptx"]
+    return dict(**_usage(compiled), warps=compiled.metadata.num_warps,
+                registers_per_partition=sorted(set(map(int, re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
+                                                                         ptx)))),
+                wgmma=ptx.count("wgmma.mma_async"), overlapped_waits=ptx.count("wgmma.wait_group.sync.aligned 1;"),
+                tma_loads=ptx.count("cp.async.bulk.tensor"))
+
+
+def _usage(compiled):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -71,9 +108,7 @@ def resources(kernel, constexprs, config, arch):
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
     return dict(registers=int(re.search(r"REG:(\d+)", usage).group(1)),
-                stack=int(re.search(r"STACK:(\d+)", usage).group(1)), shared=compiled.metadata.shared,
-                async_copies=compiled.asm["ttgir"].count("async_copy_global_to_local"),
-                tma_copies=compiled.asm["ttgir"].count("async_tma_copy_global_to_local"))
+                stack=int(re.search(r"STACK:(\d+)", usage).group(1)), shared=compiled.metadata.shared)
 
 
 def main():

@@ -511,3 +511,40 @@ def test_gpu_compile_fullgraph_bf16():
     y, y_ref, g, g_ref = _compiled_vs_sdpa(x, dtype=torch.bfloat16)
     torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(g, g_ref, atol=5e-2, rtol=5e-2)
+
+
+# --- the Gluon forward (attention/hopper.py, sm_90) ----------------------------------------------------------------
+sm90_only = pytest.mark.skipif(not (CUDA and ta.GLUON and torch.cuda.get_device_capability() == (9, 0)),
+                               reason="the Gluon forward runs on sm_90 (H100, H200) with Triton 3.6.0")
+
+
+@sm90_only
+@pytest.mark.parametrize("T", (1, 17, 64, 65, 127, 128, 129, 1000, 4097))
+@pytest.mark.parametrize("D", (64, 128))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_gpu_gluon_forward(dtype, D, T):
+    # Every output element written (poisoned first), O and lse against fp64, and no worse than the tl kernel's O.
+    B, H = 2, 3
+    qkv, (q, k, v), _ = make_inputs(B, H, T, D, dtype, seed=T + D)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    o, lse = ta._bthd(q).fill_(float("nan")), torch.full((B, H, T), float("nan"), device="cuda")
+    ta._gluon_kernels().forward(q, k, v, o, lse)
+    ro = attention_fp64(q, k, v)
+    assert_close("out", o, ro, dtype)
+    s = (q.double() @ k.double().transpose(-1, -2)) * D**-0.5
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0)), atol=1e-4,
+                               rtol=0)  # base 2, as the backward reads it
+    o_tl, _ = ta.attention_forward(q, k, v, gluon=False)
+    assert rel_err(o, ro) <= 1.1 * rel_err(o_tl, ro) + 1e-5
+
+
+@sm90_only
+def test_gpu_takes_gluon_on_sm90():
+    for D, dtype, gluon in ((64, torch.bfloat16, True), (128, torch.float16, True), (32, torch.bfloat16, False),
+                            (128, torch.float32, False)):
+        _, (q, k, v), _ = make_inputs(2, 768 // D, 64, D, dtype, seed=0)
+        assert ta._use_gluon(q, k, v) == gluon, (D, dtype)
+    _, (q, k, v), _ = make_inputs(2, 6, 64, 128, torch.bfloat16, seed=0)
+    odd = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")[1:].view(q.shape)
+    assert not ta._use_gluon(odd, k, v)  # 2 bytes off 16-byte alignment: no TMA, the tl kernel
