@@ -180,12 +180,14 @@ def test_evaluate_without_hellaswag_scores_what_it_can_and_says_what_it_skipped(
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(run_dir, tmp_path, capsys):
     """As the trainer resumes: the newest checkpoint's model.pt truncated, sample, evaluate and export name it and use
-    step 2's weights; the damaged checkpoint is left where it is."""
+    step 2's weights; the damaged checkpoint and an incomplete save are left where they are."""
     import shutil
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     damaged = run / "checkpoints" / "step_000003" / "model.pt"
     damaged.write_bytes(damaged.read_bytes()[:1000])
+    saving = run / "checkpoints" / "step_000004.tmp"  # a save in progress: not the tools' to delete
+    saving.mkdir()
     step2 = run / "checkpoints" / "step_000002"
     expected, _, _ = load_model(str(step2))
     model, _, path = load_model(str(run))
@@ -201,7 +203,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(run_dir, tmp_p
     assert json.loads((step2 / "eval.json").read_text())["checkpoint"] == str(step2)
     script("export_hf").main([str(run), "--out_dir", str(tmp_path / "export")])
     assert capsys.readouterr().out.strip().split("\n")[-1].endswith(f"(from {step2})")
-    assert damaged.exists()
+    assert damaged.exists() and saving.exists()
 
 
 def test_export_writes_into_a_folder_with_files_only_when_asked_and_names_only_its_files(run_dir, tmp_path, capsys):
