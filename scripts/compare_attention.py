@@ -126,6 +126,7 @@ def markdown_table(rows):
     return "\n".join(lines + ["", SINGLE_RUNS])
 
 
+MARKERS = "osD^vP*X"
 BAR_COLOURS = {True: ("C0", "torch.compile on"), False: ("C7", "torch.compile off (eager)")}
 
 
@@ -142,10 +143,13 @@ def figure(rows, summaries, title):
     for i, r in enumerate(finished):
         s = summaries[(r["backend"], r["compile"])]
         steps = range(s["final_step"] - len(s["loss"]) + 1, s["final_step"] + 1)
-        # Backends often give the same losses: each curve is drawn narrower than the one before and over it, so
-        # curves that coincide show as nested lines instead of hiding each other.
+        # Backends often give the same losses: each curve is drawn narrower than the one before and over it, with
+        # its own markers at steps of its own, so curves that coincide still show each one.
+        every, width = max(len(steps) // 8, 1), 1 + 1.2 * (len(finished) - 1 - i)
         ax_loss.plot(steps, s["loss"], label=f"{r['backend']} ({'compile' if r['compile'] else 'eager'})",
-                     linestyle="-" if r["compile"] else "--", linewidth=1 + 1.2 * (len(finished) - 1 - i), zorder=2 + i)
+                     linestyle="-" if r["compile"] else "--", linewidth=width, zorder=2 + i,
+                     marker=MARKERS[i % len(MARKERS)], markersize=width + 5,
+                     markevery=(i * every // len(finished), every))
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set(xlabel="step", ylabel="training loss", title="loss per step")
     ax_loss.legend()

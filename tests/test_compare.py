@@ -103,8 +103,8 @@ def test_a_comparison_whose_runs_all_fail_writes_no_table(tmp_path, cpu_named):
 
 
 def test_the_plot_has_integer_steps_a_legend_for_its_bars_and_coinciding_curves_stay_visible():
-    """Two backends with the same losses over 4 steps: the step axis ticks whole steps only, the curves are drawn
-    each narrower than the one before and over it, and the bars' colours are named."""
+    """Three runs with the same losses over 4 steps: the step axis ticks whole steps only, the curves are drawn
+    each narrower than the one before and over it with markers of their own, and the bars' colours are named."""
     rows = [dict(backend=b, compile=c, status="ok", ms=ms) for b, c, ms in
             (("naive", True, 3.0), ("sdpa", True, 2.0), ("sdpa", False, 4.0))]
     summaries = {(r["backend"], r["compile"]): dict(final_step=3, loss=[4.0, 3.5, 3.2, 3.0]) for r in rows}
@@ -117,6 +117,7 @@ def test_the_plot_has_integer_steps_a_legend_for_its_bars_and_coinciding_curves_
     assert [list(line.get_xdata()) for line in lines] == [[0, 1, 2, 3]] * 3
     widths, orders = [line.get_linewidth() for line in lines], [line.get_zorder() for line in lines]
     assert widths == sorted(widths, reverse=True) and len(set(widths)) == 3 and orders == sorted(set(orders))
+    assert len({line.get_marker() for line in lines}) == 3
     assert [t.get_text() for t in ax_ms.get_legend().get_texts()] == ["torch.compile on", "torch.compile off (eager)"]
 
 

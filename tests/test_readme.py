@@ -1,4 +1,6 @@
 """The READMEs and results/: generated from the JSON, short where a newcomer starts, and no file unaccounted for."""
+import glob
+import json
 import os
 import re
 import sys
@@ -73,12 +75,30 @@ def test_results_holds_only_what_the_readmes_show_and_the_archive_lists_the_rest
 
     archive = os.path.join(RESULTS, "archive")
     index = read(os.path.join("results", "archive", "README.md"))
-    listed = set(re.findall(r"^\| `(\w+)` \|", index, flags=re.M))
+    listed = set(re.findall(r"^\| `([\w-]+)` \|", index, flags=re.M))
     archived = {stem(f) for f in os.listdir(archive) if f not in ("README.md", "runs")}
     assert archived == listed
     for gpu in os.listdir(os.path.join(archive, "runs")):
         for name in os.listdir(os.path.join(archive, "runs", gpu)):
             assert f"compare_{name}_{gpu}" in archived, f"results/archive/runs/{gpu}/{name}"
+
+
+@pytest.mark.parametrize("folder", ["results", os.path.join("results", "archive")])
+def test_each_comparisons_run_folders_hold_the_runs_of_its_table(folder):
+    """results/runs/<gpu>/<name>/<backend>-<mode>/, where it was kept, is the run behind that row of
+    compare_<name>_<gpu>.json: its summary gives the row's loss and ms/step (a later comparison of the same name must
+    not sit beside older runs). Some comparisons' runs stayed on the GPU machine."""
+    for path in sorted(glob.glob(os.path.join(ROOT, folder, "compare_*.json"))):
+        name, gpu = stem(os.path.basename(path))[len("compare_"):].rsplit("_", 1)
+        with open(path) as f:
+            rows = [r for r in json.load(f)["rows"] if r["status"] == "ok"]
+        for r in rows:
+            run = os.path.join(ROOT, folder, "runs", gpu, name, f"{r['backend']}-{'compile' if r['compile'] else 'eager'}")
+            if not os.path.isdir(run):
+                continue
+            with open(os.path.join(run, "summary.json")) as f:
+                summary = json.load(f)
+            assert (summary["final_loss"], summary["mean_ms"]) == (r["loss"], r["ms"]), run
 
 
 @pytest.mark.parametrize("platform", ["linux", "darwin"])
