@@ -22,12 +22,8 @@ URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_
 
 
 def download(path):
-    try:
-        with urllib.request.urlopen(URL, timeout=30) as r, open(path, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except OSError as e:
-        raise SystemExit(f"could not download {URL}: {e}\n"
-                         "Download hellaswag_val.jsonl elsewhere and pass --input PATH.")
+    with urllib.request.urlopen(URL, timeout=30) as r, open(path, "wb") as f:
+        shutil.copyfileobj(r, f)
 
 
 def read_examples(path):
@@ -117,19 +113,32 @@ def main(argv=None):
     p.add_argument("--input", help="a local copy of hellaswag_val.jsonl instead of downloading it")
     p.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
     args = p.parse_args(argv)
+    if args.input and not os.path.isfile(args.input):
+        raise SystemExit(f"error: --input {args.input}: no such file")
 
+    created = not os.path.isdir(args.out_dir)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "hellaswag_val.jsonl")
     tmp = f"{path}.tmp"  # renamed into place once checked: path is either absent or complete
-    if args.input:
-        shutil.copyfile(args.input, tmp)
-    else:
-        download(tmp)
     try:
+        if args.input:
+            shutil.copyfile(args.input, tmp)
+        else:
+            download(tmp)
         n = sum(1 for _ in read_examples(tmp))  # a truncated or foreign file fails now, not during training
-    except ValueError as e:
-        os.remove(tmp)
-        raise SystemExit(f"{args.input or URL} is not HellaSwag's validation file: {e}")
+        if n == 0:
+            raise ValueError("it holds no examples")
+    except (OSError, ValueError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if created:  # a failed preparation leaves nothing that looks prepared
+            os.rmdir(args.out_dir)
+        if isinstance(e, ValueError):
+            raise SystemExit(f"error: {args.input or URL} is not HellaSwag's validation file: {e}") from None
+        if args.input:
+            raise SystemExit(f"error: could not copy {args.input} ({e})") from None
+        raise SystemExit(f"error: could not download {URL} ({e}); download hellaswag_val.jsonl elsewhere and pass "
+                         "--input PATH") from None
     os.replace(tmp, path)
     print(f"wrote {n:,} examples to {path}")
 

@@ -24,10 +24,27 @@ def download():
         with urllib.request.urlopen(URL, timeout=30) as r:
             raw = r.read()
     except OSError as e:
-        raise SystemExit(f"could not download {URL}: {e}\nDownload input.txt elsewhere and pass --input PATH.")
+        raise SystemExit(f"error: could not download {URL} ({e}); download input.txt elsewhere and pass --input PATH")
     if hashlib.sha256(raw).hexdigest() != SHA256:
-        raise SystemExit(f"{URL} returned a file whose sha256 is not the canonical one; pass --input PATH instead.")
+        raise SystemExit(f"error: {URL} returned a file whose sha256 is not the canonical one; pass --input PATH instead")
     return raw.decode("utf-8")
+
+
+def read_input(path):
+    """The text of --input, or an exit with one line saying what is wrong with the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise SystemExit(f"error: --input {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: --input {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}); convert it to UTF-8 first") from None
+    except OSError as e:
+        raise SystemExit(f"error: --input {path} cannot be read ({e.strerror})") from None
+    if not text:
+        raise SystemExit(f"error: --input {path} is empty: there are no tokens to write")
+    return text
 
 
 def main(argv=None):
@@ -37,12 +54,13 @@ def main(argv=None):
                    "throughput runs whose steps (2^19 tokens in configs/gpt2_124m.toml) exceed the 338,025 tokens")
     p.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyshakespeare"))
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        raise SystemExit(f"error: --repeat must be at least 1 (the train shard holds the text that many times), "
+                         f"got {args.repeat}")
 
-    enc = gpt2_encoding_or_exit()  # first: without the BPE files nothing else is worth doing
-    if args.input:
-        with open(args.input, encoding="utf-8") as f:
-            text = f.read()
-    else:
+    text = read_input(args.input) if args.input else None
+    enc = gpt2_encoding_or_exit()  # before the download: without the BPE files it would be wasted
+    if text is None:
         text = download()
     tokens = np.array(enc.encode_ordinary(text), dtype=np.uint16)
     os.makedirs(args.out_dir, exist_ok=True)

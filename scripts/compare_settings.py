@@ -13,7 +13,9 @@ empty where there is no nvidia-smi), matched to the steps by the times in the ru
 
 Each run is its own process through train_gpt2.py (compare_attention.run_one) and keeps its files under
 <results_dir>/runs/<gpu>/settings_<name>/<value>-<repeat>/. Writes <results_dir>/settings_<name>_<gpu>.json and .md;
-name is the setting's and the config's unless --name gives another.
+name is the setting's and the config's unless --name gives another, with the date and time appended where an earlier
+comparison holds those names (nothing is written over). Exits with status 1 when a run failed (no files but the runs'
+logs when every run failed).
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from compare_attention import fmt, run_info, run_one  # noqa: E402
+from compare_attention import failures, fmt, run_info, run_one, unused_name  # noqa: E402
 from training.config import ConfigError, load_config  # noqa: E402
 from training.metrics import gpu_slug  # noqa: E402
 
@@ -139,7 +141,9 @@ def main(argv=None):
 
     gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     gpu = gpu_slug(gpu_name)
-    name = args.name or f"{key}_{os.path.splitext(os.path.basename(args.config))[0]}"
+    name = unused_name(args.name or f"{key}_{os.path.splitext(os.path.basename(args.config))[0]}",
+                       lambda n: [os.path.join(args.results_dir, f"settings_{n}_{gpu}.{ext}") for ext in ("json", "md")]
+                       + [os.path.join(args.results_dir, "runs", gpu, f"settings_{n}")])
     rows, first = [], None
     for repeat in range(args.repeat):
         for value in values:
@@ -153,12 +157,13 @@ def main(argv=None):
                 first = first or summary
                 row.update(gpu_during(sampler.samples, timed_window(out_dir, summary)))
             rows.append(row)
+    if first is None:
+        sys.exit(f"error: {failures(rows)}")
     means = mean_by_value(rows, values)
 
     report = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv), config=args.config, setting=key,
                   values=values, repeat=args.repeat, attention=args.attention, compile=args.compile,
-                  nproc=args.nproc,
-                  overrides=args.overrides, **run_info(first or {}), timing=(first or {}).get("timing"), rows=rows,
+                  nproc=args.nproc, overrides=args.overrides, **run_info(first), timing=first.get("timing"), rows=rows,
                   mean_ms=means)
     base = os.path.join(args.results_dir, f"settings_{name}_{gpu}")
     with open(f"{base}.json", "w") as f:
@@ -168,6 +173,8 @@ def main(argv=None):
     with open(f"{base}.md", "w") as f:
         f.write(f"{title}\n\n{table}\n")
     print(f"\n{title}\n{table}\nwrote {base}.json, .md")
+    if failures(rows):
+        sys.exit(f"error: {failures(rows)}")
 
 
 if __name__ == "__main__":

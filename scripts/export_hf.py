@@ -4,7 +4,8 @@
     # then, anywhere: transformers.GPT2LMHeadModel.from_pretrained("export/gpt2_124m")
 
 The checkpoint is a step folder (out/<run>/checkpoints/step_NNNNNN) or a run folder (its newest complete
-checkpoint). Writes config.json and model.safetensors through transformers' own save_pretrained, and the tokenizer
+checkpoint that reads whole). out_dir must be new or empty unless --overwrite (which replaces files of the same
+names and leaves the others). Writes config.json and model.safetensors through transformers' own save_pretrained, and the tokenizer
 files vocab.json and merges.txt, which are OpenAI's encoder.json and vocab.bpe under the names transformers reads,
 when tiktoken can get them (from the internet or TIKTOKEN_CACHE_DIR). A vocabulary padded for faster matmuls
 (50,304) is sliced back to GPT-2's 50,257 tokens: the extra rows are never a target in the data, and transformers'
@@ -13,6 +14,7 @@ GPT-2 tokenizer has no ids for them. --check loads the export with transformers 
 import argparse
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -79,23 +81,36 @@ def check(model, out_dir, n=4, length=64):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a step folder, or a run folder (its newest complete checkpoint)")
-    p.add_argument("--out_dir", required=True, help="the folder to write (created; files of the same names replaced)")
+    p.add_argument("--out_dir", required=True, help="the folder to write: new or empty, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that holds files, replacing those "
+                   "of the same names")
     p.add_argument("--check", action="store_true", help="load the export with transformers and compare logits")
     p.add_argument("--tolerance", type=float, default=1e-4, help="--check fails above this max |logits difference|")
     args = p.parse_args(argv)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise SystemExit(f"error: --out_dir {args.out_dir} is a file; give a folder (new or empty) to write to")
+    held = sorted(os.listdir(args.out_dir)) if os.path.isdir(args.out_dir) else []
+    if held and not args.overwrite:
+        raise SystemExit(f"error: --out_dir {args.out_dir} already holds files ({', '.join(held)}); give a new or "
+                         "empty folder, or --overwrite to replace files of the same names")
 
     try:
-        model, _ = load_model(args.checkpoint, device="cpu", attention="sdpa")
+        model, _, step_dir = load_model(args.checkpoint, device="cpu", attention="sdpa")
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
     model.eval()
     if model.config.vocab_size < GPT2_VOCAB:
         print(f"warning: vocab_size {model.config.vocab_size} < GPT-2's {GPT2_VOCAB}: no GPT-2 tokenizer fits this model")
     os.makedirs(args.out_dir, exist_ok=True)
-    to_huggingface(model).save_pretrained(args.out_dir)
-    if model.config.vocab_size >= GPT2_VOCAB:
-        write_tokenizer(args.out_dir)
-    print(f"wrote {', '.join(sorted(os.listdir(args.out_dir)))} to {args.out_dir}")
+    # Written beside the folder's other files first, then moved in: the closing line can name exactly what was written.
+    with tempfile.TemporaryDirectory(dir=args.out_dir, prefix=".export-") as tmp:
+        to_huggingface(model).save_pretrained(tmp)
+        if model.config.vocab_size >= GPT2_VOCAB:
+            write_tokenizer(tmp)
+        written = sorted(os.listdir(tmp))
+        for name in written:
+            os.replace(os.path.join(tmp, name), os.path.join(args.out_dir, name))
+    print(f"wrote {', '.join(written)} to {args.out_dir} (from {step_dir})")
     if args.check:
         diff = check(model, args.out_dir)
         verdict = "ok" if diff <= args.tolerance else "FAILED"

@@ -5,7 +5,7 @@
     python scripts/sample.py out/gpt2_124m --no_cache      # each new token runs the whole sequence again
 
 The checkpoint is a step folder (out/<run>/checkpoints/step_NNNNNN) or a run folder (its newest complete
-checkpoint); --init takes gpt2, gpt2-medium, gpt2-large or gpt2-xl (downloaded by transformers) or a folder saved by
+checkpoint that reads whole, as the trainer resumes); --init takes gpt2, gpt2-medium, gpt2-large or gpt2-xl (downloaded by transformers) or a folder saved by
 transformers (scripts/export_hf.py writes one). Each prompt is extended num_samples times in one batch, with a KV
 cache unless --no_cache (see GPT.generate); bf16 autocast on CUDA, as in training. Prints the samples, then the
 generation speed: new tokens of all sequences per second, the prompt's pass included.
@@ -36,23 +36,23 @@ def add_model_args(p):
 
 
 def load(args, local_rank=0):
-    """(model in eval mode on its device, device, a name for it, the run's settings or {} for --init) from
-    add_model_args' arguments; a bad argument exits with one line saying what to do."""
+    """(model in eval mode on its device, device, a name for it (the step folder read, or --init's), the run's settings
+    or {} for --init) from add_model_args' arguments; a bad argument exits with one line saying what to do."""
     if (args.checkpoint is None) == (args.init is None):
         raise SystemExit("error: give a checkpoint (a step or run folder) or --init gpt2|gpt2-medium|gpt2-large|"
                          "gpt2-xl|FOLDER, one of the two")
     try:
         device = resolve_device(args.device, local_rank)
         if args.checkpoint is not None:
-            model, settings = load_model(args.checkpoint, device, args.attention)
+            model, settings, name = load_model(args.checkpoint, device, args.attention)
         else:
-            model, settings = init_model(args.init, args.attention or "sdpa").to(device), {}
+            model, settings, name = init_model(args.init, args.attention or "sdpa").to(device), {}, args.init
         if model.config.attention == "triton":  # asked for, or the checkpoint's
             from attention.triton import check_device
             check_device(device)
     except (ValueError, RuntimeError) as e:  # CheckpointError and ConfigError are ValueErrors
         raise SystemExit(f"error: {e}") from None
-    return model.eval(), device, args.checkpoint or args.init, settings
+    return model.eval(), device, name, settings
 
 
 def init_model(name, attention):
@@ -124,7 +124,7 @@ def main(argv=None):
             print(f"--- sample {i + 1} of {args.num_samples}\n{enc.decode(row)}")
     print(f"--- {new_tokens:,} new tokens in {seconds:.2f} s: {new_tokens / seconds:,.1f} tokens/s "
           f"({args.num_samples} sequences at a time, {'no ' if args.no_cache else ''}KV cache, "
-          f"{model.config.attention} attention, {device})")
+          f"{model.config.attention} attention, {device}, {name})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Regenerate the README's results from the JSON files in results/: python scripts/update_readme.py
+"""Regenerate the result tables of README.md and results/README.md from the JSON in results/:
 
-Every figure in the README's Results section comes from here; nothing there is typed by hand. Each block sits
-between `<!-- results:NAME -->` and `<!-- /results:NAME -->` markers and is replaced whole.
+    python scripts/update_readme.py
+
+Every figure in either file comes from here; nothing there is typed by hand. Each block sits between
+`<!-- results:NAME -->` and `<!-- /results:NAME -->` markers and is replaced whole. README.md holds the headline
+blocks (BLOCKS below), results/README.md one block per experiment, the current figures first and H100 before H200.
+A file in results/ that neither file shows belongs in results/archive/, listed in its README (tests/test_readme.py).
 """
 import glob
 import json
@@ -31,31 +35,82 @@ def timing(report):
     return re.sub(r"^[\d.]+ ms/step, ", "", report["timing"])
 
 
-def comparison_block(config):
-    """The table of scripts/compare_attention.py for one config, per GPU."""
-    out = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "results", f"compare_{config}_*.json"))):
-        report = load(path)
-        if not report.get("gpu"):
-            continue  # CPU trial runs are not results
-        name = os.path.basename(path)[:-5]
-        out += [f"**{report['nproc']} x {report['gpu']}** (`results/{name}.json`; ms/step: {timing(report)}):", "",
-                markdown_table(report["rows"]), "", f"<sub>{provenance(report)}</sub>", "",
-                f"![loss curves and ms/step](results/{name}.png)", ""]
-    return out
+# Each comparison experiment's tables in results/README.md, the current figures first and H100 before H200:
+# (stem of results/compare_<stem>.json, what that run was). A new comparison is shown once it is listed here.
+STEP49 = [
+    ("step49_h100", "the classic run: every backend, torch.compile on and off"),
+    ("step49_h200", "the classic run, torch.compile on"),
+    ("step49_fast_h100", "with the speed settings the full configuration had then: `--bf16_params true --loss_chunk "
+                         "16384`"),
+    ("step49_fast_h200", "with the full configuration's speed settings: `--bf16_params true --loss_chunk 16384 "
+                         "--recompute_gelu true --overlap_steps true`"),
+    ("step49_eval_h200", "the classic run with an evaluation every 20 steps (`--eval_interval 20 --eval_batches 2`)"),
+]
+FULL = [
+    ("gpt2_124m_short_h100", "the configuration before the cross-entropy kernel, `recompute_gelu` and `overlap_steps` "
+                             "(the newest H100 run)"),
+    ("gpt2_124m_short_h200", "the configuration, every speed setting of `configs/gpt2_124m_short.toml` on"),
+    ("gpt2_124m_short_plain_h100", "the speed settings off (`--bf16_params false --loss_chunk 0`), in the same device "
+                                   "call as the H100 table above"),
+    ("gpt2_124m_short_seed1338_h100", "sdpa with seed 1338, the same call: the loss's spread between two seeds, beside "
+                                      "which a backend's or a setting's Δloss is read"),
+    ("gpt2_124m_short_bf16_lm_head_h200", "`--fp8_lm_head false`, the baseline of the next table (one device call)"),
+    ("gpt2_124m_short_fp8_lm_head_h200", "`--fp8_lm_head true`, the opt-in FP8 LM head, the same call"),
+    ("gpt2_124m_short_fp8_lm_head_triton_h200", "`--fp8_lm_head true` with the triton backend, the next call"),
+    ("gpt2_124m_short_b16_val_fp8_false_h200", "B=16 (32 micro-steps per step) with an evaluation every 25 steps, "
+                                               "`fp8_lm_head` off: the validation losses below"),
+    ("gpt2_124m_short_b16_val_fp8_true_h200", "the same with `fp8_lm_head` on"),
+]
+LONG_CONTEXT = [("long_context_h200", "T = 8192, B = 2, torch.compile on")]
+
+
+def comparison_table(stem, caption):
+    """The table of scripts/compare_attention.py's results/compare_<stem>.json, with its provenance and plot."""
+    report = load(os.path.join(ROOT, "results", f"compare_{stem}.json"))
+    return [f"**{report['nproc']} x {report['gpu']}**, {caption} (`results/compare_{stem}.json`; ms/step: "
+            f"{timing(report)}):", "", markdown_table(report["rows"]), "", f"<sub>{provenance(report)}</sub>", "",
+            f"![loss curves and ms/step](results/compare_{stem}.png)", ""]
+
+
+def comparison_block(experiment):
+    return "\n".join(line for stem, caption in experiment for line in comparison_table(stem, caption))
+
+
+def reference_a100():
+    ref = load(os.path.join(ROOT, "results", "reference_a100.json"))
+    return (f"For comparison, {ref['source']}: on an {ref['gpu']} with torch.compile, {ref['naive_ms']} ms/step with "
+            f"naive attention and {ref['flash_ms']} ms/step with flash attention "
+            f"({ref['naive_ms'] / ref['flash_ms']:.2f}x), at the same loss (`results/reference_a100.json`).")
 
 
 def step49_block():
-    out = comparison_block("step49")
-    ref = load(os.path.join(ROOT, "results", "reference_a100.json"))
-    out += [f"For comparison, {ref['source']}: on an {ref['gpu']} with torch.compile, "
-            f"{ref['naive_ms']} ms/step with naive attention and {ref['flash_ms']} ms/step with flash attention "
-            f"({ref['naive_ms'] / ref['flash_ms']:.2f}x), at the same loss."]
-    return "\n".join(out)
+    return comparison_block(STEP49) + "\n" + reference_a100()
+
+
+def step49_headline_block():
+    """README.md: the classic experiment, the first of STEP49 (the H100's)."""
+    return "\n".join(comparison_table(*STEP49[0]) + [reference_a100()])
 
 
 def full_training_block():
-    return "\n".join(comparison_block("gpt2_124m_short"))
+    return comparison_block(FULL)
+
+
+def full_vs_llmc_block(stem="gpt2_124m_short_h100"):
+    """README.md: the full configuration on the H100, this repository's run there (FULL's) beside llm.c's figures."""
+    report = load(os.path.join(ROOT, "results", f"compare_{stem}.json"))
+    ref = load(os.path.join(ROOT, "results", "reference_llmc_h100.json"))
+    window = timing(report).split(" (")[0]
+    lines = ["| trainer | measured | ms/step | tokens/s | memory (GiB) |", "|---|---|---|---|---|"]
+    lines += [f"| this repository, {r['backend']}, torch.compile | {report['date'][:10]}, {window} | {r['ms']:.1f} "
+              f"| {r['tok_per_s'] / 1e3:.1f}K | {r['peak_mem_gib']:.1f} peak allocated |"
+              for r in report["rows"] if r["status"] == "ok"]
+    lines += [f"| {run['trainer']} | {run['date']}, {run['window']} | {run['ms']} | {run['tokens_per_s_k']}K "
+              f"| {run['memory_gib']} {run['memory']} |" for run in ref["runs"]]
+    return "\n".join([f"**1 x {report['gpu']}**, {ref['configuration']}. This repository: {dict(FULL)[stem]} "
+                      f"(`results/compare_{stem}.json`); llm.c: {ref['source']} (`results/reference_llmc_h100.json`). "
+                      "One run per row; memory as each trainer reports it (PyTorch's peak allocated, llm.c's as "
+                      "noted):", "", *lines, "", f"<sub>This repository: {provenance(report)}</sub>"])
 
 
 def validation_block(config="gpt2_124m_short"):
@@ -84,7 +139,7 @@ def validation_block(config="gpt2_124m_short"):
 
 
 def long_context_block():
-    return "\n".join(comparison_block("long_context"))
+    return comparison_block(LONG_CONTEXT)
 
 
 def scaling_block():
@@ -103,12 +158,14 @@ def cell(r, kind):
     return f"{r[kind + '_ms']:.3f} ({r[kind + '_tflops']:.0f})"
 
 
-def bench_block():
+def bench_block(headline=False):
+    """scripts/bench_attention.py's tables per GPU, every shape; with headline, the first GPU's (the H100's where
+    there is one) at the first shape (GPT-2's) only."""
     out = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "results", "attention_bench_*.json"))):
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", "attention_bench_*.json")))[:1 if headline else None]:
         report = load(path)
         out += [f"**{report['gpu']}** (`results/{os.path.basename(path)}`): median ms (TFLOP/s)", ""]
-        for shape, res in report["results"].items():
+        for shape, res in list(report["results"].items())[:1 if headline else None]:
             out += [f"{shape}, bf16, causal:", "",
                     "| backend | forward | backward | forward+backward | peak memory (MiB) |", "|---|---|---|---|---|"]
             for name, r in res["rows"].items():
@@ -126,7 +183,8 @@ def sweep_block():
         name = os.path.basename(path)[:-5]
         for group, by_t in report["results"].items():
             backends = list(next(iter(by_t.values())))
-            out += [f"**{report['gpu']}**, B·T = {report['shape']['tokens']}, {group}: forward+backward ms (do_bench) / "
+            out += [f"**{report['gpu']}** (`results/{name}.json`), B·T = {report['shape']['tokens']}, {group}: "
+                    "forward+backward ms (do_bench) / "
                     "peak extra memory (MiB); triton's speed against sdpa default (its time / triton's) in GPU time and "
                     "do_bench time", "",
                     "| T | " + " | ".join(backends) + " | triton vs sdpa default: fwd+bwd GPU / do_bench | fwd GPU / "
@@ -194,10 +252,11 @@ def profile_block():
     """GPU time per step by category (scripts/profile_step.py), one column per lever, for the full config."""
     out = []
     for gpu, columns in PROFILES.items():
-        reports = [(label, load(path)) for tag, label in columns
-                   for path in glob.glob(os.path.join(ROOT, "results", f"profile_gpt2_124m_short_{tag}_{gpu}.json"))]
-        if not reports:
+        paths = [(label, path) for tag, label in columns
+                 for path in glob.glob(os.path.join(ROOT, "results", f"profile_gpt2_124m_short_{tag}_{gpu}.json"))]
+        if not paths:
             continue
+        reports = [(label, load(path)) for label, path in paths]
         categories = list(dict.fromkeys(c for _, r in reports for c in r["profile"]["categories"]))
         cell = lambda r, c: f"{r['profile']['categories'][c]['ms']:.0f}" if c in r["profile"]["categories"] else "–"
         out += [f"**{reports[0][1]['gpu']}**", "",
@@ -207,7 +266,8 @@ def profile_block():
         out += ["| GPU idle | " + " | ".join(f"{r['profile']['gpu_idle_ms_per_step']:.0f}" for _, r in reports) + " |",
                 "| **step (trainer's mean)** | " + " | ".join(f"**{r['mean_ms']:.0f}**" for _, r in reports) + " |",
                 "| peak memory (GiB) | " + " | ".join(f"{r['peak_mem_gib']:.1f}" for _, r in reports) + " |",
-                "", f"<sub>{provenance(reports[-1][1])}</sub>", ""]
+                "", "Columns from " + ", ".join(f"`results/{os.path.basename(path)}`" for _, path in paths) + ".", "",
+                f"<sub>The last column: {provenance(reports[-1][1])}</sub>", ""]
     return "\n".join(out)
 
 
@@ -226,24 +286,45 @@ def settings_block():
     return "\n".join(out)
 
 
-def main():
-    path = os.path.join(ROOT, "README.md")
-    text = original = open(path).read()
-    for name, block in (("step49", step49_block), ("full_training", full_training_block), ("validation", validation_block),
-                        ("scaling", scaling_block),
-                        ("attention_bench", bench_block), ("seq_len_sweep", sweep_block), ("long_context", long_context_block),
-                        ("sample_speed", sample_speed_block), ("profile", profile_block), ("settings", settings_block)):
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
+# file -> its blocks: (marker name, the function that writes the block). The names are stable: the README's
+# kernel section is attention_bench, the sequence-length sweep seq_len_sweep.
+BLOCKS = {
+    "README.md": [("step49_headline", step49_headline_block), ("full_vs_llmc", full_vs_llmc_block),
+                  ("attention_bench", lambda: bench_block(headline=True))],
+    os.path.join("results", "README.md"): [
+        ("step49", step49_block), ("full_training", full_training_block), ("validation", validation_block),
+        ("profile", profile_block), ("settings", settings_block), ("scaling", scaling_block),
+        ("long_context", long_context_block), ("attention_bench", bench_block), ("seq_len_sweep", sweep_block),
+        ("sample_speed", sample_speed_block)],
+}
+
+
+def render(name):
+    """The text of ROOT/name with its blocks regenerated from results/."""
+    with open(os.path.join(ROOT, name)) as f:
+        text = f.read()
+    for marker, block in BLOCKS[name]:
+        pattern = re.compile(rf"(<!-- results:{marker} -->\n).*?(<!-- /results:{marker} -->)", re.S)
         if not pattern.search(text):
-            sys.exit(f"README.md has no <!-- results:{name} --> ... <!-- /results:{name} --> markers")
+            sys.exit(f"{name} has no <!-- results:{marker} --> ... <!-- /results:{marker} --> markers")
         content = block().strip() or "_No results yet._"
+        if os.path.dirname(name) == "results":  # the blocks link files as seen from the repository's root
+            content = content.replace("](results/", "](")
         text = pattern.sub(lambda m: m.group(1) + content + "\n" + m.group(2), text)
-    if text == original:
-        print(f"{path} is up to date: its results blocks already match results/")
-        return
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"updated {path}")
+    return text
+
+
+def main():
+    for name in BLOCKS:
+        path = os.path.join(ROOT, name)
+        text = render(name)
+        with open(path) as f:
+            if f.read() == text:
+                print(f"{path} is up to date: its results blocks already match results/")
+                continue
+        with open(path, "w") as f:
+            f.write(text)
+        print(f"updated {path}")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def test_export_loads_in_transformers_with_our_logits_and_weights(run_dir, tmp_p
     assert "check: max |logits difference|" in capsys.readouterr().out
     import transformers
 
-    ours, _ = load_model(str(run_dir))  # the run's newest checkpoint, as the export took it
+    ours, _, _ = load_model(str(run_dir))  # the run's newest checkpoint, as the export took it
     ours.eval()
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert hf.config.vocab_size == 50257 and ours.config.vocab_size == 50304
@@ -158,12 +158,69 @@ def test_evaluate_val_loss_against_the_shard_read_here(run_dir, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
     result = json.loads(out.read_text())
     tokens = torch.from_numpy(read_shard(str(run_dir.parent / "data" / "synthetic_val_000000.bin"))[:129].astype(np.int64))
-    model, _ = load_model(str(run_dir))
+    model, _, _ = load_model(str(run_dir))
     with torch.no_grad():
         logits, _ = model(tokens[:-1].view(8, 16))
         expected = F.cross_entropy(logits.flatten(0, 1).double(), tokens[1:]).item()
     assert result["val_loss"] == pytest.approx(expected, abs=1e-5)
     assert result["val_tokens"] == 128 and result["checkpoint"] == str(out.parent) and result["torch"]
+
+
+def test_evaluate_without_hellaswag_scores_what_it_can_and_says_what_it_skipped(run_dir, tmp_path, capsys):
+    """Offline, by default: the validation loss is computed, HellaSwag is skipped with the command that gets it."""
+    out = tmp_path / "eval.json"
+    script("evaluate").main([str(run_dir), "--device", "cpu", "--val_batches", "4", "--batch_size", "2", "--seq_len",
+                             "16", "--hellaswag", str(tmp_path / "missing.jsonl"), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert f"skipping hellaswag: {tmp_path / 'missing.jsonl'} does not exist: prepare it with python -m data.hellaswag" \
+        in printed
+    result = json.loads(out.read_text())
+    assert "val_loss" in result and "hellaswag_acc_norm" not in result and list(result["skipped"]) == ["hellaswag"]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(run_dir, tmp_path, capsys):
+    """As the trainer resumes: the newest checkpoint's model.pt truncated, sample, evaluate and export name it and use
+    step 2's weights; the damaged checkpoint and an incomplete save are left where they are."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    damaged = run / "checkpoints" / "step_000003" / "model.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    saving = run / "checkpoints" / "step_000004.tmp"  # a save in progress: not the tools' to delete
+    saving.mkdir()
+    step2 = run / "checkpoints" / "step_000002"
+    expected, _, _ = load_model(str(step2))
+    model, _, path = load_model(str(run))
+    assert path == str(step2) and f"skipping damaged checkpoint: {damaged} cannot be read" in capsys.readouterr().out
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+    warning, *samples = sample_lines(capsys, str(run), "--seed", "3")
+    assert warning.startswith(f"warning: skipping damaged checkpoint: {damaged}")
+    assert samples == sample_lines(capsys, str(step2), "--seed", "3")
+    script("evaluate").main([str(run), "--device", "cpu", "--tasks", "val", "--val_batches", "4", "--batch_size", "2",
+                             "--seq_len", "16"])
+    assert json.loads((step2 / "eval.json").read_text())["checkpoint"] == str(step2)
+    script("export_hf").main([str(run), "--out_dir", str(tmp_path / "export")])
+    assert capsys.readouterr().out.strip().split("\n")[-1].endswith(f"(from {step2})")
+    assert damaged.exists() and saving.exists()
+
+
+def test_export_writes_into_a_folder_with_files_only_when_asked_and_names_only_its_files(run_dir, tmp_path, capsys):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "config.json").write_text("an older export")
+    with pytest.raises(SystemExit) as e:
+        script("export_hf").main([str(run_dir), "--out_dir", str(out)])
+    assert "already holds files (config.json, notes.txt)" in str(e.value)
+    assert (out / "config.json").read_text() == "an older export"
+    script("export_hf").main([str(run_dir), "--out_dir", str(out), "--overwrite"])
+    last = capsys.readouterr().out.strip().split("\n")[-1]
+    written = last.removeprefix("wrote ").split(" to ")[0].split(", ")
+    assert "config.json" in written and "model.safetensors" in written and "notes.txt" not in written
+    assert sorted(p.name for p in out.iterdir()) == sorted(written + ["notes.txt"])  # nothing else, no temp folder
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "config.json").read_text())["n_layer"] == 2
 
 
 CONTEXTS = ["A man is standing in a kitchen. He", "The children run to the park and", "She opens the laptop, then",
@@ -254,20 +311,35 @@ def test_evaluate_two_processes_equal_one(run_dir, hf_folder, hellaswag_file, tm
     assert (two["hellaswag_correct"], two["hellaswag_total"]) == (one["hellaswag_correct"], one["hellaswag_total"]) == (4, 8)
 
 
+NO_CHECKPOINT = "{} is a run folder with no complete checkpoint: train with --checkpoint_interval N to save one"
+
+
 @pytest.mark.parametrize("name, argv, message", [
     ("sample", ["{tmp}/missing"], "'{tmp}/missing' is neither a checkpoint"),
     ("evaluate", ["{tmp}/missing"], "'{tmp}/missing' is neither a checkpoint"),
     ("export_hf", ["{tmp}/missing", "--out_dir", "{tmp}/x"], "'{tmp}/missing' is neither a checkpoint"),
-    ("sample", ["{tmp}/run"], "{tmp}/run is a run folder with no complete checkpoint"),
-    ("evaluate", ["{tmp}/run"], "{tmp}/run is a run folder with no complete checkpoint"),
-    ("export_hf", ["{tmp}/run", "--out_dir", "{tmp}/x"], "{tmp}/run is a run folder with no complete checkpoint"),
+    ("sample", ["{tmp}/run"], NO_CHECKPOINT.format("{tmp}/run")),
+    ("evaluate", ["{tmp}/run"], NO_CHECKPOINT.format("{tmp}/run")),
+    ("export_hf", ["{tmp}/run", "--out_dir", "{tmp}/x"], NO_CHECKPOINT.format("{tmp}/run")),
+    ("sample", ["{tmp}/tiny"], NO_CHECKPOINT.format("{tmp}/tiny")),
+    ("evaluate", ["{tmp}/tiny"], NO_CHECKPOINT.format("{tmp}/tiny")),
+    ("export_hf", ["{tmp}/tiny", "--out_dir", "{tmp}/x"], NO_CHECKPOINT.format("{tmp}/tiny")),
     ("sample", ["--init", "gpt3"], "unknown model_type 'gpt3'; choose one of: gpt2, gpt2-medium"),
     ("evaluate", ["--init", "gpt3", "--tasks", "hellaswag", "--hellaswag", "{tmp}/hs.jsonl"], "unknown model_type 'gpt3'"),
-    ("evaluate", ["--init", "gpt2"], "no data folder for the validation loss: pass --data_dir"),
+    ("evaluate", ["--init", "gpt2", "--tasks", "val"], "no data folder for the validation loss: pass --data_dir"),
+    ("evaluate", ["--init", "gpt2", "--tasks", "hellaswag", "--hellaswag", "{tmp}/no.jsonl"],
+     "{tmp}/no.jsonl does not exist: prepare it with python -m data.hellaswag"),
+    ("evaluate", ["--init", "gpt2", "--hellaswag", "{tmp}/no.jsonl"],
+     "nothing to evaluate here: no data folder for the validation loss: pass --data_dir"),
+    ("export_hf", ["{tmp}/missing", "--out_dir", "{tmp}/hs.jsonl"], "--out_dir {tmp}/hs.jsonl is a file; give a folder"),
+    ("export_hf", ["{tmp}/missing", "--out_dir", "{tmp}/tiny"],
+     "--out_dir {tmp}/tiny already holds files (config.json); give a new or empty folder, or --overwrite"),
     ("sample", [], "give a checkpoint"),
 ])
 def test_bad_input_gives_one_line(name, argv, message, tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a run folder before its first checkpoint
+    (tmp_path / "tiny").mkdir()  # a run folder of a run that saved no checkpoint: the trainer's config.json only
+    (tmp_path / "tiny" / "config.json").write_text("{}")
     (tmp_path / "hs.jsonl").write_text("")
     with pytest.raises(SystemExit) as e:
         script(name).main([a.format(tmp=tmp_path) for a in argv] + ["--device", "cpu"] * (name != "export_hf"))

@@ -2,6 +2,7 @@
 off)."""
 import json
 import os
+import re
 import sys
 import time
 from argparse import Namespace
@@ -44,6 +45,80 @@ def test_a_failing_run_becomes_a_row(tmp_path):
     assert summary is None and row["status"] == "failed (exit 1)" and "does not exist" in row["error"]
     compare_attention.add_comparisons([row])
     assert "| sdpa | off | failed (exit 1) | | | | | | |" in compare_attention.markdown_table([row])
+    log = (tmp_path / "run" / "log.txt").read_bytes()
+    with pytest.raises(SystemExit, match="^error: .*run holds an earlier run, kept"):  # never truncates its log
+        compare_attention.run_one("sdpa", False, args, str(tmp_path / "run"))
+    assert (tmp_path / "run" / "log.txt").read_bytes() == log
+
+
+def files(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_comparison_run_again_is_written_beside_the_earlier_one_and_a_failed_run_exits_1(data_dir, tmp_path,
+                                                                                         monkeypatch, cpu_named):
+    """The same arguments twice: the second comparison gets a dated name, and not one byte of the first changes. A
+    run that fails is a row, and the script exits 1 naming its log."""
+    results = tmp_path / "results"
+    argv = ["--config", "tiny", "--backends", "naive", "sdpa", "--compile", "off", "--results_dir", str(results),
+            "--", f"--data_dir={data_dir}", *SMALL]
+    real_run = compare_attention.run_one
+
+    def naive_runs_out_of_memory(backend, compile, args, out_dir):
+        if backend != "naive":
+            return real_run(backend, compile, args, out_dir)
+        os.makedirs(out_dir)
+        with open(os.path.join(out_dir, "log.txt"), "w") as f:
+            f.write("torch.OutOfMemoryError: CUDA out of memory.\n")
+        return compare_attention.read_run(backend, compile, out_dir, 1)
+
+    monkeypatch.setattr(compare_attention, "run_one", naive_runs_out_of_memory)
+    with pytest.raises(SystemExit) as first_exit:
+        compare_attention.main(argv)
+    assert first_exit.value.code.startswith("error: 1 of 2 runs failed: ")
+    assert first_exit.value.code.endswith("naive-eager/log.txt: out of memory")
+    report = json.load(open(results / "compare_tiny_cpu.json"))
+    assert [r["status"] for r in report["rows"]] == ["out of memory", "ok"]
+    assert "| naive | off | out of memory |" in (results / "compare_tiny_cpu.md").read_text()
+    first = files(results)
+
+    with pytest.raises(SystemExit):
+        compare_attention.main(argv)
+    assert {p: b for p, b in files(results).items() if p in first} == first
+    dated = [p.name for p in results.glob("compare_tiny_*_cpu.json")]
+    assert len(dated) == 1 and re.fullmatch(r"compare_tiny_\d{8}-\d{6}_cpu\.json", dated[0])
+    name = dated[0][len("compare_"):-len("_cpu.json")]
+    assert json.load(open(results / dated[0]))["rows"][1]["status"] == "ok"
+    assert (results / "runs" / "cpu" / name / "sdpa-eager" / "summary.json").exists()
+
+
+def test_a_comparison_whose_runs_all_fail_writes_no_table(tmp_path, cpu_named):
+    results = tmp_path / "results"
+    with pytest.raises(SystemExit) as e:
+        compare_attention.main(["--config", "tiny", "--backends", "sdpa", "--compile", "off", "--results_dir",
+                                str(results), "--", f"--data_dir={tmp_path / 'missing'}", *SMALL])
+    assert e.value.code.startswith("error: 1 of 1 runs failed: ") and "\n" not in e.value.code
+    assert sorted(p.name for p in results.iterdir()) == ["runs"]
+    assert "does not exist" in (results / "runs" / "cpu" / "tiny" / "sdpa-eager" / "log.txt").read_text()
+
+
+def test_the_plot_has_integer_steps_a_legend_for_its_bars_and_coinciding_curves_stay_visible():
+    """Three runs with the same losses over 4 steps: the step axis ticks whole steps only, the curves are drawn
+    each narrower than the one before and over it with markers of their own, and the bars' colours are named."""
+    rows = [dict(backend=b, compile=c, status="ok", ms=ms) for b, c, ms in
+            (("naive", True, 3.0), ("sdpa", True, 2.0), ("sdpa", False, 4.0))]
+    summaries = {(r["backend"], r["compile"]): dict(final_step=3, loss=[4.0, 3.5, 3.2, 3.0]) for r in rows}
+    fig = compare_attention.figure(rows, summaries, "test")
+    ax_loss, ax_ms = fig.axes
+    fig.canvas.draw()
+    ticks = [t for t in ax_loss.get_xticks() if ax_loss.get_xlim()[0] <= t <= ax_loss.get_xlim()[1]]
+    assert ticks and all(t == int(t) for t in ticks)
+    lines = ax_loss.get_lines()
+    assert [list(line.get_xdata()) for line in lines] == [[0, 1, 2, 3]] * 3
+    widths, orders = [line.get_linewidth() for line in lines], [line.get_zorder() for line in lines]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == 3 and orders == sorted(set(orders))
+    assert len({line.get_marker() for line in lines}) == 3
+    assert [t.get_text() for t in ax_ms.get_legend().get_texts()] == ["torch.compile on", "torch.compile off (eager)"]
 
 
 def test_validation_losses_reach_the_readme_table(data_dir, tmp_path, monkeypatch, cpu_named):
@@ -116,6 +191,29 @@ def test_gpu_sampler_averages_the_gpus_and_reads_the_power_cap_bit(tmp_path, mon
         while len(sampler.samples) < 2 and time.time() < deadline:
             time.sleep(0.01)
     assert len(sampler.samples) >= 2 and all(s[1:] == (1740.0, 400.25, 0.5) for s in sampler.samples)
+
+
+def test_settings_run_again_get_a_dated_name_and_all_failed_runs_write_no_table(tmp_path, monkeypatch, cpu_named):
+    import compare_settings
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "settings_batch_size_tiny_cpu.md").write_text("an earlier comparison")
+    used = []
+
+    def failing_run(backend, compile, args, out_dir):
+        used.append(out_dir)
+        os.makedirs(out_dir)
+        return compare_attention.read_run(backend, compile, out_dir, 1)
+
+    monkeypatch.setattr(compare_settings, "run_one", failing_run)
+    with pytest.raises(SystemExit) as e:
+        compare_settings.main(["--config", "tiny", "--setting", "batch_size", "2", "4", "--repeat", "1",
+                               "--results_dir", str(results)])
+    assert e.value.code.startswith("error: 2 of 2 runs failed: ") and "\n" not in e.value.code
+    stamp = re.fullmatch(r".*settings_batch_size_tiny_(\d{8}-\d{6})", os.path.dirname(used[0])).group(1)
+    assert used == [str(results / "runs" / "cpu" / f"settings_batch_size_tiny_{stamp}" / v) for v in ("2-0", "4-0")]
+    assert sorted(p.name for p in results.iterdir()) == ["runs", "settings_batch_size_tiny_cpu.md"]
+    assert (results / "settings_batch_size_tiny_cpu.md").read_text() == "an earlier comparison"
 
 
 @pytest.mark.parametrize("setting, message", [(["overlap_stepz", "false", "true"], "did you mean --overlap_steps?"),

@@ -213,6 +213,23 @@ def test_prepare_tinyshakespeare_from_local_text(tmp_path):
     assert read_shard(tmp_path / "x3" / "tinyshakespeare_train_000000.bin").tolist() == expected * 3
 
 
+@pytest.mark.parametrize("case, argv, message", [
+    ("missing file", ["--input", "{tmp}/nope.txt"], "error: --input {tmp}/nope.txt: no such file"),
+    ("not UTF-8", ["--input", "{tmp}/latin1.txt"], "error: --input {tmp}/latin1.txt is not UTF-8 text (byte 0xe9"),
+    ("empty file", ["--input", "{tmp}/empty.txt"], "error: --input {tmp}/empty.txt is empty"),
+    ("repeat 0", ["--input", "{tmp}/good.txt", "--repeat", "0"], "error: --repeat must be at least 1"),
+    ("repeat -1", ["--input", "{tmp}/good.txt", "--repeat", "-1"], "error: --repeat must be at least 1"),
+])
+def test_prepare_refuses_bad_input_in_one_line_writing_nothing(tmp_path, case, argv, message):
+    (tmp_path / "latin1.txt").write_bytes("ROMEO: café\n".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "good.txt").write_text("ROMEO: hello\n")
+    with pytest.raises(SystemExit) as e:
+        tinyshakespeare.main([a.format(tmp=tmp_path) for a in argv] + ["--out_dir", str(tmp_path / "out")])
+    assert str(e.value).startswith(message.format(tmp=tmp_path)) and "\n" not in str(e.value), case
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_without_bpe_files_names_the_fix(tmp_path, monkeypatch):
     import tiktoken
 

@@ -134,8 +134,20 @@ def test_prepare_copies_input_and_names_it_when_offline(val_path, tmp_path, monk
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(SystemExit, match="--input PATH"):
+    with pytest.raises(SystemExit, match="^error: could not download .*pass --input PATH$"):
         hellaswag.main(["--out_dir", str(tmp_path / "out2")])
+    assert not (tmp_path / "out2").exists()  # a failed download leaves no empty folder behind
+
+
+def test_prepare_refuses_bad_input_in_one_line_leaving_no_folder(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "foreign.jsonl").write_text('{"text": "not hellaswag"}\n')
+    for name, message in (("missing.jsonl", "no such file"), ("empty.jsonl", "it holds no examples"),
+                          ("foreign.jsonl", "line 1: not a HellaSwag example")):
+        with pytest.raises(SystemExit) as e:
+            hellaswag.main(["--input", str(tmp_path / name), "--out_dir", str(tmp_path / "out")])
+        assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), name
+        assert not (tmp_path / "out").exists(), name
 
 
 def _rank(rank, world, init_file, path, out_dir):

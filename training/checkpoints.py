@@ -91,21 +91,25 @@ def resolve_checkpoint(path):
     """A step folder as it is; a run folder (one holding checkpoints/) -> its newest complete checkpoint."""
     if os.path.isfile(os.path.join(path, "DONE")):
         return path
+    no_checkpoint = (f"{path} is a run folder with no complete checkpoint: train with --checkpoint_interval N to save "
+                     "one every N steps and after the last")
     if os.path.isdir(os.path.join(path, "checkpoints")):
         found = complete_checkpoints(path)
         if not found:
-            raise CheckpointError(f"{path} is a run folder with no complete checkpoint (was checkpoint_interval 0?)")
+            raise CheckpointError(no_checkpoint)
         return found[-1]
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.pt")):
         raise CheckpointError(f"{path} has no DONE marker: its save was interrupted, so it is incomplete")
+    if os.path.isfile(os.path.join(path, "config.json")):  # the trainer writes it first: a run that saved nothing
+        raise CheckpointError(no_checkpoint)
     raise CheckpointError(f"{path!r} is neither a checkpoint (a folder like out/run/checkpoints/step_000100) nor "
                           "a run folder holding checkpoints/")
 
 
-def newest_readable(out_dir):
+def newest_readable(out_dir, clean=True):
     """(path, checkpoint) of the newest complete checkpoint that reads whole, or (None, None); a damaged one is
-    named and the one before it tried."""
-    for path in reversed(complete_checkpoints(out_dir, clean=True)):
+    named and the one before it tried. clean: delete incomplete ones (the trainer, which owns out_dir)."""
+    for path in reversed(complete_checkpoints(out_dir, clean)):
         try:
             return path, read_checkpoint(path)
         except CheckpointError as e:
@@ -123,14 +127,27 @@ def check_same_run(saved, now, path):
                               "start a new run in another --out_dir")
 
 
+def read_newest(path):
+    """(step folder, its files read whole) of a step folder, or of a run folder's newest checkpoint that reads whole:
+    as the trainer resumes, a damaged one is named and the one before it used. Incomplete saves are left alone (for
+    the tools after training: their run may still be writing)."""
+    step = resolve_checkpoint(path)  # raises the error that says what path lacks
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        return step, read_checkpoint(step)
+    step, ckpt = newest_readable(path, clean=False)
+    if step is None:
+        raise CheckpointError(f"none of the complete checkpoints in {path} can be read")
+    return step, ckpt
+
+
 def load_model(path, device="cpu", attention=None):
-    """A trained GPT from a checkpoint (a step folder, or a run folder: its newest) -> (model, the run's settings)."""
-    path = resolve_checkpoint(path)
-    ckpt = read_checkpoint(path)
+    """A trained GPT from a checkpoint (a step folder, or a run folder: its newest that reads) -> (model, the run's
+    settings, the step folder it came from)."""
+    path, ckpt = read_newest(path)
     settings = ckpt["state"]["config"]
     config = GPTConfig(**{k: settings[k] for k in GPTConfig.__dataclass_fields__ if k in settings})
     if attention is not None:
         config.attention = attention
     model = GPT(config).to(device)
     model.load_state_dict(ckpt["model"])
-    return model, settings
+    return model, settings, path
