@@ -2,6 +2,8 @@
 
     python scripts/bench_attention.py                  # GPT-2 shape and a D=128 shape; writes out/attention_bench_<gpu>.json (--out_dir results: the repo's)
     python scripts/bench_attention.py --variant v2=path/to/other_triton.py   # extra rows for kernel experiments
+    python scripts/bench_attention.py --paths          # each path of the triton backend, cuDNN and FA2 per D and T:
+                                                       # GPU, wall and host time side by side
     python scripts/bench_attention.py --configs        # every candidate config of every triton kernel, per D and T:
                                                        # results/attention_configs_<gpu>.json
     python scripts/bench_attention.py --configs --tma  # the same through TMA descriptors and through pointers (Hopper):
@@ -178,6 +180,46 @@ def survey(module, seq_lens, kernels=tuple(CANDIDATES), tma=None):
     return results
 
 
+PATHS = ("triton", "triton tl", "sdpa default", "sdpa FLASH_ATTENTION")
+
+
+def paths(seq_lens, fns):
+    """Each path of causal attention at each head dim and T (B·T and H·D fixed): GPU time (torch profiler: summed kernel
+    durations) of a forward and of an eager forward+backward, that call's wall time (do_bench median: host overhead
+    counts where the GPU waits for it), the host's enqueue time of one forward+backward (the GPU left to catch up
+    after the loop) and the first call's time (compilation, autotuning)."""
+    results = {}
+    for D in (64, 128):
+        for T in seq_lens:
+            B, H = SURVEY_TOKENS // T, SURVEY_WIDTH // D
+            _, q, k, v, do = views(B, H, T, D)
+            row = results.setdefault(f"D={D}", {}).setdefault(str(T), {})
+            for name, fn in fns.items():
+                fwd = lambda: fn(q, k, v)  # noqa: E731
+                fwd_bwd = lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do)  # noqa: E731
+                start = time.perf_counter()
+                fwd_bwd()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - start
+                for _ in range(5):
+                    fwd_bwd()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(50):
+                    fwd_bwd()
+                host = (time.perf_counter() - start) / 50 * 1e3
+                torch.cuda.synchronize()
+                wall = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")
+                r = row[name] = {"fwd_gpu_ms": gpu_ms(fwd), "fwd_bwd_gpu_ms": gpu_ms(fwd_bwd), "fwd_bwd_ms": wall,
+                                 "fwd_bwd_host_ms": host, "first_call_s": first}
+                print(f"D={D:3d} T={T:5d} {name:22s} fwd GPU {r['fwd_gpu_ms']:.4f}  fwd+bwd GPU {r['fwd_bwd_gpu_ms']:.4f}"
+                      f"  wall {wall:.4f}  host {host:.4f} ms  first {first:.1f} s", flush=True)
+            cudnn = row["sdpa default"]
+            row["ratios"] = {name: {k: cudnn[k] / row[name][k] for k in ("fwd_gpu_ms", "fwd_bwd_gpu_ms", "fwd_bwd_ms")}
+                             for name in fns if name != "sdpa default"}
+    return results
+
+
 def tuned_configs(module):
     """The autotuner's winners, per (key, dtypes), for the record."""
     out = {}
@@ -214,6 +256,9 @@ def main():
                         help="also time the causal_attention of another copy of the triton backend (its custom ops "
                              "need their own namespace)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of: " + ", ".join(SHAPES))
+    parser.add_argument("--paths", action="store_true", help="each path (triton with its Hopper forward, triton with "
+                        "the portable forward, cuDNN, FlashAttention-2) per head dim and T: GPU time and eager wall "
+                        "and host time side by side: <out_dir>/attention_paths_<gpu>.json")
     parser.add_argument("--configs", action="store_true", help="survey every candidate config of every triton kernel "
                         "(and of each variant) per head dim and T instead")
     parser.add_argument("--seq-lens", default="512,1024,2048,4096,8192,16384", help="T values of the --configs survey")
@@ -250,6 +295,18 @@ def main():
         print(f"wrote {out}")
         return
     fns = backends(variants)
+    if args.paths:
+        names = [*PATHS, *(f"triton {n}" for n in variants)]
+        record = {**env, "timing": "bf16, strided q/k/v views, B·T = 16384, H·D = 768; GPU: torch profiler, summed "
+                  "kernel durations; wall: do_bench median (L2 flushed); host: enqueue time of one eager fwd+bwd; "
+                  "ratios: sdpa default's (cuDNN) time over the path's", "results": paths(
+                      [int(t) for t in args.seq_lens.split(",")], {n: fns[n] for n in names})}
+        out = args.out or os.path.join(args.out_dir, f"attention_paths_{gpu_slug(gpu)}.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {out}")
+        return
 
     results = {}
     for shape_name in args.shapes.split(","):
