@@ -1,5 +1,6 @@
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -171,3 +172,40 @@ def test_compile_modes_are_torch_compiles_and_the_cuda_graph_ones_are_known():
     with pytest.raises(ConfigError, match=r"^compile_mode 'fast': choose one of default, reduce-overhead, "
                        r"max-autotune-no-cudagraphs, max-autotune$"):
         load_config(["--config", "tiny", "--compile_mode", "fast"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta1", "1.5"], r"^beta1 must be in \[0, 1\), got 1.5$"),
+    (["--beta2", "-0.5"], r"^beta2 must be in \[0, 1\), got -0.5$"),
+    (["--adam_eps", "-1"], r"^adam_eps must be positive, got -1.0$"),
+    (["--weight_decay", "-1"], r"^weight_decay must be at least 0, got -1.0$"),
+    (["--warmup_steps", "10", "--max_steps", "3"], r"^warmup_steps \(10\) exceeds max_steps \(3\): .* lower warmup_steps "
+                                                  r"or raise max_steps$")])
+def test_optimiser_values_outside_their_domain(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--config", "tiny", *flags])
+
+
+@pytest.mark.parametrize("line, message", [('compile = "no"', "compile must be true or false, got 'no'"),
+                                           ('learning_rate = "1e-3"', "learning_rate must be float, got '1e-3'"),
+                                           ('max_steps = "10"', "max_steps must be int, got '10'"),
+                                           ("attention = 3", "attention must be str, got 3")])
+def test_toml_values_must_have_the_keys_type(tmp_path, line, message):
+    (tmp_path / "c.toml").write_text(line + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'c.toml'}: {message}")) as e:
+        load_config(["--config", str(tmp_path / "c.toml")])
+    assert str(e.value).endswith("write the value without quotes") == line.endswith('"')
+
+
+def test_bad_optimiser_values_stop_before_the_out_dir_is_claimed(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(CONFIG_DIR, "..", "train_gpt2.py"), "--config", "tiny",
+                          "--beta1", "1.5", "--out_dir", "run"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == ["error: beta1 must be in [0, 1), got 1.5"]
+    assert os.listdir(tmp_path) == []  # no out_dir, no .lock
+
+
+def test_the_tiny_config_saves_the_final_state():
+    """The quick start's run leaves a checkpoint for sample.py, evaluate.py and export_hf.py."""
+    from train_gpt2 import saves_after
+    cfg = load_config(["--config", "tiny"])
+    assert saves_after(cfg, cfg.max_steps - 1)

@@ -46,8 +46,8 @@ class TrainConfig:
     beta2: float = 0.999  # AdamW beta2
     adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 0.0  # clip the global gradient norm to this; 0: no clipping (the norm is logged anyway)
-    # evaluation, every eval_interval steps and at the last step
-    eval_interval: int = 0  # evaluate every this many steps and at the last step; 0: never
+    # evaluation, every eval_interval steps and after the last step
+    eval_interval: int = 0  # evaluate every this many steps and after the last step (the final weights); 0: never
     eval_batches: int = 20  # validation batches of B*T tokens per process
     hellaswag: bool = False  # HellaSwag acc_norm at each evaluation (prepare with python -m data.hellaswag)
     hellaswag_path: str = "data/hellaswag/hellaswag_val.jsonl"  # the HellaSwag validation file
@@ -97,21 +97,25 @@ ALIASES = {"lr": "learning_rate", "max_lr": "learning_rate", "bs": "batch_size",
 
 
 def _convert(key, typ, value, source):
-    """Coerce a TOML value or a command-line string to the field's type, or say why not."""
-    if typ is bool and not isinstance(value, bool) and str(value).strip().lower() not in BOOLEANS:
-        raise ConfigError(f"{source}: {key} must be true or false (also 1/0, yes/no, on/off), got {value!r}")
-    if isinstance(value, str) and typ is not str:  # from the command line
+    """Coerce a command-line string to the field's type; a TOML value must have it already (an int for a float is
+    fine). Or say why not."""
+    expected = "true or false" if typ is bool else typ.__name__
+    if source == "command line" and typ is not str:
         text = value.strip().lower()
         if typ is bool:
+            if text not in BOOLEANS:
+                raise ConfigError(f"{source}: {key} must be true or false (also 1/0, yes/no, on/off), got {value!r}")
             return BOOLEANS[text]
         try:
-            value = int(value) if typ is int else float(value) if typ is float else value
+            value = int(text) if typ is int else float(text)
         except ValueError:
             pass
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not typ:
-        raise ConfigError(f"{source}: {key} must be {typ.__name__}, got {value!r}")
+        quoted = source != "command line" and isinstance(value, str)
+        raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}" +
+                          (": a TOML string; write the value without quotes" if quoted else ""))
     return value
 
 
@@ -215,13 +219,21 @@ def validate(cfg):
     if cfg.activation_memory_budget < 1 and not cfg.compile:
         raise ConfigError(f"activation_memory_budget {cfg.activation_memory_budget} needs torch.compile (its partitioner "
                           "does the recomputing): set --compile true, or leave the budget at 1")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if not cfg.adam_eps > 0:
+        raise ConfigError(f"adam_eps must be positive, got {cfg.adam_eps}")
+    if cfg.warmup_steps > cfg.max_steps:
+        raise ConfigError(f"warmup_steps ({cfg.warmup_steps}) exceeds max_steps ({cfg.max_steps}): the learning rate "
+                          "would never reach its peak; lower warmup_steps or raise max_steps")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"lr_schedule {cfg.lr_schedule!r}: choose constant or cosine")
     for key in ("total_batch_size", "warmup_steps", "eval_interval", "checkpoint_interval", "timing_warmup",
                 "profile_steps", "sample_count", "sample_tokens"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative, got {getattr(cfg, key)}")
-    for key, least in (("grad_clip", 0), ("keep_last", 1), ("eval_batches", 1), ("dist_timeout", 1)):
+    for key, least in (("grad_clip", 0), ("weight_decay", 0), ("keep_last", 1), ("eval_batches", 1), ("dist_timeout", 1)):
         if getattr(cfg, key) < least:
             raise ConfigError(f"{key} must be at least {least}, got {getattr(cfg, key)}")
 
