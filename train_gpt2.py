@@ -42,7 +42,10 @@ from training.run_dir import RunDirError, RunFinished, claim
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(help_text())
+        try:
+            print(help_text(argv))
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
         return
     ddp = "RANK" in os.environ  # set by torchrun
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)

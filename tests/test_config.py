@@ -113,6 +113,34 @@ def test_help_lists_every_key_with_its_description():
     assert run.returncode == 0 and run.stdout.strip() == text
 
 
+def test_help_groups_the_keys_and_shows_a_configs_values():
+    import dataclasses
+    from training.config import TrainConfig, help_text
+    text = help_text()
+    titles = [line for line in text.splitlines() if line and not line.startswith((" ", "usage", "--config", "A "))]
+    assert [t.split()[0].rstrip(":,") for t in titles] == ["data", "model", "optimisation", "evaluation", "checkpoints",
+                                                         "speed", "logging"]
+    section = {}  # key -> the title above it
+    for line in text.splitlines():
+        if line in titles:
+            title = line.split()[0].rstrip(":,")
+        elif line.startswith("  --"):
+            section[line.split()[0][2:]] = title
+    assert section["n_layer"] == "model" and section["loss_chunk"] == section["bf16_params"] == "speed"
+    assert section["seed"] == "optimisation" and section["out_dir"] == "checkpoints"
+    from model import GPTConfig
+    assert set(section) == {f.name for cls in (TrainConfig, GPTConfig) for f in dataclasses.fields(cls)} - {"model"}
+    for f in dataclasses.fields(TrainConfig):  # each training key has its description (model.py's: its own comments)
+        if f.name != "model":
+            assert re.search(rf"--{f.name} \S+ \(default .*\)\s+\S", text), f.name
+    shown = help_text(["--config", "step49", "--max_steps", "7", "--help"])
+    assert "Each key's value in this run (= ...): --config step49 --max_steps 7" in shown
+    assert "--max_steps INT = 7 (default 50)" in shown and "--n_layer INT = 12 (default 12)" in shown
+    run = subprocess.run([sys.executable, os.path.join(CONFIG_DIR, "..", "train_gpt2.py"), "--config", "nope", "-h"],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.startswith("error: config 'nope' not found") and run.stdout == ""
+
+
 def test_compile_without_a_compiler_says_what_to_do(monkeypatch):
     import shutil
     import torch
