@@ -2,7 +2,8 @@
 NaN at training step N; with KIND stop, that rank receives SIGINT during training step N; with KIND evalstop, that
 rank receives SIGINT during its N-th forward in evaluation mode (0: the first); with KIND unreadable, that rank
 cannot read the checkpoint it is asked to resume from; with KIND slowgpu, that rank's steps are timed on a simulated
-GPU (tests/fake_gpu.py) that takes N ms for each step's work, apart from the host. The trainer is patched from here,
+GPU (tests/fake_gpu.py) that takes N ms for each step's work, apart from the host (N = STEP/EVAL: and EVAL ms for
+each evaluation's). The trainer is patched from here,
 so no test-only code sits in it. The tests run one micro-step per step, uncompiled. With EXIT_STATUS_DIR set, each
 rank writes its exit status to EXIT_STATUS_DIR/rank<r>."""
 import os
@@ -24,15 +25,21 @@ elif kind == "unreadable":
     checkpoints.read_checkpoint = unreadable
 elif kind == "slowgpu":
     from fake_gpu import FakeGpu
-    gpu, step = FakeGpu(), train_gpt2.train_step
+    step_ms, eval_ms = (int(ms) for ms in (n + "/0").split("/")[:2])
+    gpu, step, evaluate = FakeGpu(), train_gpt2.train_step, train_gpt2.evaluate
 
     def slow_step(*args, **kwargs):
         figures = step(*args, **kwargs)
-        gpu.queue(int(n) / 1e3)  # the step's work, on the stream once the host has queued it
+        gpu.queue(step_ms / 1e3)  # the step's work, on the stream once the host has queued it
         return figures
 
+    def slow_evaluate(*args, **kwargs):
+        results = evaluate(*args, **kwargs)
+        gpu.wait(gpu.queue(eval_ms / 1e3))  # its work, which the host waits for as it reads the figures
+        return results
+
     timing.clock = lambda device: gpu
-    train_gpt2.train_step = slow_step
+    train_gpt2.train_step, train_gpt2.evaluate = slow_step, slow_evaluate
 else:
     forward, calls = model.GPT.forward, {True: 0, False: 0}  # forward calls in training mode and in evaluation mode
 

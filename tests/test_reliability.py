@@ -40,11 +40,12 @@ def test_a_stop_request_on_one_rank_stops_every_rank_at_the_same_step(data_dir, 
 
 
 def test_with_overlap_steps_a_nan_or_a_stop_is_acted_on_a_step_later(data_dir, tmp_path):
-    """overlap_steps reads step N's figures after step N+1 is queued. A NaN at step 1 is seen then: the run stops
-    (exit 1) before any checkpoint, with only step 0 logged. A stop request during step 2 is seen after step 3:
+    """overlap_steps reads step N's figures after step N+1 is queued, but before a checkpoint of the state after step
+    N. A NaN at step 1, the step before a checkpoint, is seen before it: the run stops (exit 1) without saving it, with
+    only step 0 logged. A stop request during step 2 is seen after step 3:
     every rank finishes step 3, logs it, saves the state after it and exits as stopped."""
     common = [f"--data_dir={data_dir}", *DIST, "--max_steps=8", "--checkpoint_interval=5", "--overlap_steps"]
-    run = train(*common, f"--out_dir={tmp_path / 'nan'}", nproc=2, fault="nan:1:1")
+    run = train(*common, "--checkpoint_interval=2", f"--out_dir={tmp_path / 'nan'}", nproc=2, fault="nan:1:1")
     assert run.returncode != 0 and "exitcode  : 1" in run.stderr, run.stderr
     assert "non-finite loss at step 1" in run.stdout
     assert [r["step"] for r in read_metrics(tmp_path / "nan")] == [0]

@@ -159,6 +159,16 @@ def test_overlap_steps_logs_the_same_steps_and_saves_the_same_checkpoints(data_d
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_no_row_takes_in_an_evaluation(data_dir, tmp_path):
+    """On the simulated GPU a step takes 60 ms and an evaluation 1.5 s: the step after an evaluation starts when it
+    does, not when the step before it ended, so its row is its own time (with overlap_steps: a step late)."""
+    run = train(f"--data_dir={data_dir}", "--max_steps=3", "--batch_size=2", "--eval_interval=1", "--eval_batches=1",
+                "--sample_count=0", "--overlap_steps", f"--out_dir={tmp_path}", fault="slowgpu:0:60/1500")
+    assert run.returncode == 0, run.stderr
+    dt = [r["dt_ms"] for r in read_metrics(tmp_path)]
+    assert len(dt) == 3 and all(60 - 1e-6 <= ms < 1500 for ms in dt), dt
+
+
 def test_speed_settings_train_like_the_plain_path(tmp_path):
     """Every speed and memory setting (bf16 parameters with fp32 masters, the fused chunked loss, GELU recomputed,
     compiled with a memory budget) against the plain path: the same losses within bf16's precision, and checkpoints
