@@ -4,24 +4,24 @@
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --config step49 --attention triton
     python train_gpt2.py --help          # every setting, its default and what it does
 
-This file is the run: its settings and set-up (main), the training loop (train), evaluation. What it stands on
-lives next to it in training/: config.py (the TrainConfig dataclass, filled from a TOML file in configs/ and then
-from `--key value` flags), run_dir.py (one run per out_dir), checkpoints.py, metrics.py (MFU, logs, the summary,
+This file is the run: its settings and set-up (main), the training loop (train) and its step (train_step),
+evaluation. What it stands on lives next to it in training/: config.py (the TrainConfig dataclass, filled from a
+TOML file in configs/ and then from `--key value` flags), run_dir.py (one run per out_dir), checkpoints.py,
+timing.py (each step's time, on the GPU's stream, and its figures read back), metrics.py (MFU, logs, the summary,
 W&B) and distributed.py (ranks that agree, and stop together). Every run writes, under out_dir: config.json (the
 resolved settings), metrics.jsonl (one row per step), evals.jsonl and summary.json (the whole run with the machine
 and library versions: what results/ holds).
 """
 import datetime
 import gc
-import json
 import math
 import os
 import platform
 import shutil
 import socket
 import sys
-import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch._functorch.config  # activation_memory_budget, read by torch.compile
@@ -31,18 +31,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data.loader import ShardLoader
 from data.tokenizer import gpt2_encoding
 from model import GPT
-from training import checkpoints, metrics
+from training import checkpoints, metrics, timing
 from training.checkpoints import CheckpointError
 from training.config import CUDA_GRAPH_MODES, ConfigError, flat_config, grad_accum_steps, help_text, load_config
 from training.distributed import STOPPED_EXIT_CODE, StopRequest, any_rank, barrier, broadcast, check_same_config
 from training.precision import BF16Params
-from training.run_dir import RunDirError, claim
+from training.run_dir import RunDirError, RunFinished, claim
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(help_text())
+        try:
+            print(help_text(argv))
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
         return
     ddp = "RANK" in os.environ  # set by torchrun
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
@@ -71,6 +74,10 @@ def main(argv=None):
         # a gloo worker thread still holding tensors at interpreter exit aborts the process.
         gc.collect()
         barrier(world)
+    except RunFinished as e:  # nothing to train; nothing written
+        status = 0
+        if rank == 0:
+            print(e)
     except (ConfigError, RunDirError, CheckpointError) as e:  # found once the ranks compared notes
         sys.exit(f"error: {e}")
     finally:
@@ -88,32 +95,114 @@ def main(argv=None):
 
 def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loader, encoding):
     """The training run; returns the exit status: 0 done, 1 non-finite loss, STOPPED_EXIT_CODE stopped on request."""
-    ddp, master = world > 1, rank == 0
+    master = rank == 0
     settings = flat_config(cfg)
     if not check_same_config(settings, world, device):
         raise ConfigError("the ranks resolved different configurations (different config files or flags per machine?)")
     lock, resume_path, ckpt = open_run(cfg, rank, world, device)
-
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
-    model = raw_model = GPT(cfg.model).to(device)
-    optimizer = make_optimizer(raw_model, cfg, device)
-    start_step = 0
-    if ckpt:
-        start_step = ckpt["state"]["step"]
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        try:
-            loader.load_state_dict(ckpt["state"]["loader"])  # a global stream position: valid for any world size
-        except ValueError as e:
-            raise CheckpointError(f"cannot resume from {resume_path}: {e}") from None
-        if ckpt["rng"] is not None:  # absent when resuming on more processes than saved
-            torch.set_rng_state(ckpt["rng"]["cpu"])
-            if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    model = build_model(cfg, device, autocast, local_rank, world)
+    start_step = restore(ckpt, resume_path, model, loader, device) if ckpt else 0
+    tokens_per_step = cfg.batch_size * cfg.seq_len * world * accum
+    stop = StopRequest(announce=master and "the run stops after the current step" +
+                       (" and saves a checkpoint" if cfg.checkpoint_interval else ""))
+    env = metrics.environment(device)
+    flops_per_step, peak = model.raw.flops_per_token(cfg.seq_len) * tokens_per_step, metrics.peak_flops(env["gpu"])
+
+    def mfu(seconds_per_step):
+        """Model FLOPs utilisation: the FLOPs the model needs over what the GPUs could do at peak."""
+        return flops_per_step / seconds_per_step / (peak * world) if peak else None
+
+    log = profiler = None
+    if master:
+        log = metrics.RunLog(cfg, settings, start_step, tokens_per_step, world, mfu, device,
+                             ckpt["state"].get("wandb_id") if ckpt else None)
+        print("config:", " ".join(f"{k}={v}" for k, v in settings.items()))
+        print(f"device {device} ({env['gpu'] or platform.processor() or 'cpu'}), {world} process(es), "
+              f"attention backend: {cfg.model.attention}, {model.raw.num_params():,} parameters, "
+              f"{tokens_per_step:,} tokens per step ({accum} micro-step(s) of {cfg.batch_size}x{cfg.seq_len} per process)")
+        if resume_path:
+            print(f"resumed from {resume_path} at step {start_step}")
+        profiler = metrics.step_profiler(cfg)
+
+    status, readout = 0, timing.Readout(timing.clock(device))
+    for step in range(start_step, cfg.max_steps + 1):
+        if evaluates(cfg, step):  # of the weights after `step` steps: the last one of the final weights
+            results = evaluate(cfg, model, val_loader, device, autocast, rank, world, encoding, stop)
+            if log and results:
+                log.evaluation(step, results)
+        if step == cfg.max_steps:
+            break
+        lr = learning_rate(cfg, step)
+        start = readout.start()
+        readout.finish(step, lr, start, train_step(model, loader, lr, cfg.grad_clip, accum, world, stop, device))
+        # The host reads the step's figures now or, with overlap_steps, once the next step is queued; but now all the
+        # same before it stops queueing steps for a while (an evaluation, a checkpoint, the profiler's trace, the
+        # end), so that a NaN or a stop request is acted on before those, and once a stop request is read. Decided
+        # alike on every rank, as is every rank's reaction to what it reads.
+        pause = evaluates(cfg, step + 1) or saves_after(cfg, step) or step in metrics.traced_steps(cfg)[-1:]
+        stops = 0
+        while figures := readout.next(every=not cfg.overlap_steps or pause or step == cfg.max_steps - 1 or stops):
+            loss, flag, grad_norm = figures.values
+            if not math.isfinite(loss):  # every rank sees the same all-reduced loss, so all stop here together
+                if master:
+                    print(f"error: non-finite loss at step {figures.step}; stopping before any checkpoint of this state")
+                status = 1
+                break
+            if flag and not stops:  # the first step that carries the request (a later one may too)
+                stops, stop_step = flag, figures.step
+            if log:
+                log.step(figures.step, figures.lr, loss, grad_norm, figures.seconds)
+        if status:
+            break
+        if profiler:
+            profiler.step()
+        if stops and master:
+            print(f"stop requested (by {int(stops)} rank(s)) at step {stop_step}: every rank stops after step {step}")
+        if saves_after(cfg, step) or (stops and cfg.checkpoint_interval):
+            state = {"loader": loader.state_dict(), "config": settings, "world_size": world,
+                     "wandb_id": log.wandb_id if log else None}
+            checkpoints.save_checkpoint(cfg.out_dir, step + 1, cfg.keep_last, model.raw, model.optimizer, state, rank,
+                                        lambda: barrier(world))
+        if stops:
+            status = STOPPED_EXIT_CODE
+            break
+        if pause:  # the next step's time starts when it does, not at this one's end
+            readout.pause()
+
+    if world > 1 and status != 1:  # DDP should keep every rank's parameters identical; check it rather than assume it
+        checksum = torch.stack([p.detach().double().sum() for p in model.raw.parameters()]).sum().reshape(1)
+        gathered = [torch.zeros_like(checksum) for _ in range(world)]
+        dist.all_gather(gathered, checksum)
+        if master:
+            print(f"parameters identical on all {world} ranks: {'yes' if len(set(t.item() for t in gathered)) == 1 else 'NO'}")
+    if master:
+        if profiler:
+            profiler.stop()
+        log.close(env, status)
+        lock.close()
+    return status
+
+
+@dataclass
+class Model:
+    """The model as each part of the run uses it."""
+    raw: GPT  # the fp32 parameters: the optimizer's and the checkpoints'; HellaSwag and the samples run it
+    train: torch.nn.Module  # what the training step calls: raw or its bf16 copy, compiled, in DDP's wrapper
+    eval: torch.nn.Module  # what the validation loss calls: the same without DDP's wrapper
+    optimizer: torch.optim.Optimizer
+    bf16: BF16Params | None  # the bf16 copy with bf16_params
+    autocast: object  # the training step's: bf16 autocast on CUDA, none on the bf16 copy
+    own_grads: list  # parameters whose gradients the step accumulates in buffers of its own (CUDA graphs)
+
+
+def build_model(cfg, device, autocast, local_rank, world):
+    raw = GPT(cfg.model).to(device)
+    optimizer = make_optimizer(raw, cfg, device)
     # The training forward runs under bf16 autocast, or, with bf16_params, on a bf16 copy of the model without it.
-    bf16 = BF16Params(raw_model) if cfg.bf16_params else None
-    model, step_autocast = (bf16.model, nullcontext()) if bf16 else (raw_model, autocast)
+    bf16 = BF16Params(raw) if cfg.bf16_params else None
+    model, step_autocast = (bf16.model, nullcontext()) if bf16 else (raw, autocast)
     if cfg.compile:
         # Read when the graph is partitioned (at the first step), not here: one budget per process.
         torch._functorch.config.activation_memory_budget = cfg.activation_memory_budget
@@ -122,156 +211,59 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
     # a gradient that the first micro-step's backward hands to a parameter as its .grad would be overwritten by the
     # next replay. Accumulating every micro-step into zeroed buffers of our own copies each graph output once instead.
     own_grads = list(model.parameters()) if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES else []
-    compiled = model  # evaluation calls this one: DDP's wrapper is for training steps
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * world * accum
-    stop = StopRequest(announce=master and "the run stops after the current step" +
-                       (" and saves a checkpoint" if cfg.checkpoint_interval else ""))
+    trained = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
+    return Model(raw, trained, model, optimizer, bf16, step_autocast, own_grads)
 
-    env = metrics.environment(device)
-    flops_per_step, peak = raw_model.flops_per_token(cfg.seq_len) * tokens_per_step, metrics.peak_flops(env["gpu"])
 
-    def mfu(seconds_per_step):
-        """Model FLOPs utilisation: the FLOPs the model needs over what the GPUs could do at peak."""
-        return flops_per_step / seconds_per_step / (peak * world) if peak else None
+def restore(ckpt, path, model, loader, device):
+    """The checkpoint's state into the model (its bf16 copy too), the optimizer, the loader and the RNG; returns the
+    step to continue from."""
+    model.raw.load_state_dict(ckpt["model"])
+    if model.bf16:
+        model.bf16.master_to_model()
+    model.optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        loader.load_state_dict(ckpt["state"]["loader"])  # a global stream position: valid for any world size
+    except ValueError as e:
+        raise CheckpointError(f"cannot resume from {path}: {e}") from None
+    if ckpt["rng"] is not None:  # absent when resuming on more processes than saved
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    return ckpt["state"]["step"]
 
-    run, wandb_id = None, ckpt["state"].get("wandb_id") if ckpt else None
-    if master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(settings, f, indent=2)
-        print("config:", " ".join(f"{k}={v}" for k, v in settings.items()))
-        print(f"device {device} ({env['gpu'] or platform.processor() or 'cpu'}), {world} process(es), "
-              f"attention backend: {cfg.model.attention}, {raw_model.num_params():,} parameters, "
-              f"{tokens_per_step:,} tokens per step ({accum} micro-step(s) of {cfg.batch_size}x{cfg.seq_len} per process)")
-        if resume_path:
-            print(f"resumed from {resume_path} at step {start_step}")
-        log, rows = metrics.open_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step)
-        evals, _ = metrics.open_log(os.path.join(cfg.out_dir, "evals.jsonl"), start_step)
-        run = metrics.start_wandb(cfg, settings, wandb_id) if cfg.wandb else None
-        wandb_id = run.id if run else wandb_id
-    profiler = metrics.step_profiler(cfg) if master else None
 
-    def log_step(step, lr, loss, grad_norm, dt):
-        mem = metrics.peak_memory_gib(device)
-        row = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, dt_ms=1e3 * dt, tok_per_s=tokens_per_step / dt,
-                   tok_per_s_per_gpu=tokens_per_step / dt / world, mfu=mfu(dt), peak_mem_gib=mem,
-                   time=time.time())  # when the host had the step's figures (Unix time): lines the log up with others
-        rows.append(row)
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        if run:
-            run.log({k: v for k, v in row.items() if k != "time"}, step=step)  # W&B keeps its own clock
-        eta = (cfg.max_steps - 1 - step) * dt
-        print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.4f} | {1e3 * dt:8.2f} ms | "
-              f"{tokens_per_step / dt:10,.0f} tok/s | MFU {'n/a' if peak is None else format(row['mfu'], '.1%')} | "
-              f"{'n/a' if mem is None else format(mem, '.2f')} GiB | ETA {datetime.timedelta(seconds=round(eta))}")
-
-    status, waiting, last_ready = 0, [], 0.0
-    for step in range(start_step, cfg.max_steps):
-        last = step == cfg.max_steps - 1
-        if evaluates(cfg, step):
-            results = evaluate(cfg, compiled, raw_model, val_loader, device, step_autocast, autocast, rank, world,
-                               encoding, stop)
-            if master and results:
-                print(f"eval step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "samples"))
-                for text in results.get("samples", []):
-                    print(f"  sample: {text!r}")
-                evals.write(json.dumps(dict(step=step, **results)) + "\n")
-                evals.flush()
-                if run:
-                    run.log({k: v for k, v in results.items() if k != "samples"}, step=step)
-
-        t0 = time.perf_counter()
-        lr = learning_rate(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        for p in own_grads:
-            p.grad = torch.zeros_like(p)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = loader.next_batch(device)  # pinned memory, copied without blocking the host
-            # DDP all-reduces gradients during backward; only the last micro-step's backward needs to.
-            with model.no_sync() if ddp and micro < accum - 1 else nullcontext():
-                with step_autocast:
-                    _, loss = model(x, y)
-                (loss / accum).backward()
-            loss_sum += loss.detach()
-        if bf16:
-            bf16.grads_to_master()
-        grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), cfg.grad_clip, grad_norm)
-        optimizer.step()
-        if bf16:
-            bf16.master_to_model()
-        # One all-reduce a step: the mean loss, and whether any rank was asked to stop (SUM: gloo has no AVG).
-        flags = torch.stack([loss_sum / (accum * world), stop.flag(device)])
-        if ddp:
-            dist.all_reduce(flags)
-        waiting.append(metrics.StepFigures(step, lr, t0, torch.cat([flags, grad_norm.float().reshape(1)])))
-        # The host reads them now, waiting for the GPU; with overlap_steps a step later, once the next step is queued
-        # behind this one, but now all the same before the host stops queueing steps for a while (an evaluation, a
-        # checkpoint, the profiler's trace, the end), so that no step's time takes that pause in, and at the end of
-        # the timing warm-up, so that the timed steps' total is exact even where a late read moves time from one
-        # step to the next (below). Decided alike on every rank, and so is every rank's reaction to what it reads.
-        now = (not cfg.overlap_steps or last or evaluates(cfg, step + 1) or saves_after(cfg, step)
-               or step == cfg.timing_warmup - 1 or step in metrics.traced_steps(cfg)[-1:])
-        stops = 0
-        while waiting and (now or len(waiting) > 1 or stops):
-            figures = waiting.pop(0)
-            loss, flag, grad_norm = figures.read()
-            # A step's time runs from when the host began it or, where the host began it before it had read the step
-            # before (overlap_steps), from that read: a read that comes late moves time from one step to the next.
-            dt = figures.ready - max(figures.t0, last_ready)
-            last_ready = figures.ready
-            if not math.isfinite(loss):  # every rank sees the same all-reduced loss, so all stop here together
-                if master:
-                    print(f"error: non-finite loss at step {figures.step}; stopping before any checkpoint of this state")
-                status = 1
-                break
-            if flag and not stops:  # the first step that carries the request (a later one may too)
-                stops, stop_step = flag, figures.step
-            if master:
-                log_step(figures.step, figures.lr, loss, grad_norm, dt)
-        if status:
-            break
-        if profiler:
-            profiler.step()
-        if stops and master:
-            print(f"stop requested (by {int(stops)} rank(s)) at step {stop_step}: every rank stops after step {step}")
-        if saves_after(cfg, step) or (stops and cfg.checkpoint_interval):
-            state = {"loader": loader.state_dict(), "config": settings, "world_size": world, "wandb_id": wandb_id}
-            checkpoints.save_checkpoint(cfg.out_dir, step + 1, cfg.keep_last, raw_model, optimizer, state, rank,
-                                        lambda: barrier(world))
-        if stops:
-            status = STOPPED_EXIT_CODE
-            break
-
-    if ddp and status != 1:  # DDP should keep every rank's parameters identical; check it rather than assume it
-        checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1)
-        gathered = [torch.zeros_like(checksum) for _ in range(world)]
-        dist.all_gather(gathered, checksum)
-        if master:
-            print(f"parameters identical on all {world} ranks: {'yes' if len(set(t.item() for t in gathered)) == 1 else 'NO'}")
-    if master:
-        if profiler:
-            profiler.stop()
-        log.close()
-        evals.close()
-        if rows:
-            summary = metrics.summarize(rows, start_step, cfg.timing_warmup, env, settings, world, tokens_per_step, mfu,
-                                        status)
-            with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            ms = f"{summary['mean_ms']:.2f} ms/step, " if summary["mean_ms"] else ""
-            print(f"final: step {summary['final_step']} loss {summary['final_loss']:.6f} | {ms}{summary['timing']}")
-        if run:
-            run.finish()
-        lock.close()
-    return status
+def train_step(model, loader, lr, grad_clip, accum, world, stop, device):
+    """One optimizer step of `accum` micro-steps. Returns its figures, on the device and not yet read (the host does
+    not wait for the GPU here): the loss averaged over the micro-steps and the ranks, the number of ranks asked to
+    stop, and the gradient norm before clipping."""
+    for group in model.optimizer.param_groups:
+        group["lr"] = lr
+    model.optimizer.zero_grad(set_to_none=True)
+    for p in model.own_grads:
+        p.grad = torch.zeros_like(p)
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = loader.next_batch(device)  # pinned memory, copied without blocking the host
+        # DDP all-reduces gradients during backward; only the last micro-step's backward needs to.
+        with model.train.no_sync() if world > 1 and micro < accum - 1 else nullcontext():
+            with model.autocast:
+                _, loss = model.train(x, y)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    if model.bf16:
+        model.bf16.grads_to_master()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.raw.parameters() if p.grad is not None])
+    if grad_clip:
+        torch.nn.utils.clip_grads_with_norm_(model.raw.parameters(), grad_clip, grad_norm)
+    model.optimizer.step()
+    if model.bf16:
+        model.bf16.master_to_model()
+    # One all-reduce a step: the mean loss, and whether any rank was asked to stop (SUM: gloo has no AVG).
+    flags = torch.stack([loss_sum / (accum * world), stop.flag(device)])
+    if world > 1:
+        dist.all_reduce(flags)
+    return torch.cat([flags, grad_norm.float().reshape(1)])
 
 
 def open_run(cfg, rank, world, device):
@@ -283,10 +275,10 @@ def open_run(cfg, rank, world, device):
         try:
             lock, path, ckpt = claim(cfg)
         except ValueError as e:
-            error = str(e)
+            error = e
     error, path = broadcast((error, path), world)
     if error:
-        raise RunDirError(error)
+        raise error
     if path and rank != 0:
         try:
             ckpt = checkpoints.read_checkpoint(path, rank)
@@ -296,7 +288,7 @@ def open_run(cfg, rank, world, device):
     if any_rank(error is not None, world, device):
         raise CheckpointError(error or "another rank could not read the checkpoint (its error is above)")
     if ckpt:
-        checkpoints.check_same_run(ckpt["state"]["config"], flat_config(cfg), path)
+        checkpoints.check_same_run(ckpt["state"], flat_config(cfg), world, path)
     return lock, path, ckpt
 
 
@@ -330,29 +322,34 @@ def make_optimizer(model, cfg, device):
 # training's compiled graph is never recompiled. A stop request cuts an evaluation short: no results then.
 
 @torch.no_grad()
-def evaluate(cfg, model, raw_model, val_loader, device, step_autocast, autocast, rank, world, encoding, stop):
-    raw_model.eval()
+def evaluate(cfg, model, val_loader, device, autocast, rank, world, encoding, stop):
+    for m in (model.raw, model.eval):  # with bf16_params the validation loss runs on the bf16 copy, a model of its own
+        m.eval()
     val_loader.reset()  # the same validation tokens every time
-    results = {"val_loss": val_loss(model, val_loader, cfg.eval_batches, device, step_autocast, rank, world,
+    results = {"val_loss": val_loss(model.eval, val_loader, cfg.eval_batches, device, model.autocast, rank, world,
                                     stop=lambda: stop.signalled)}
-    if cfg.hellaswag and not stop.signalled:
+    # A stop request reaches the ranks at different moments, so what follows is decided on what they all agree on:
+    # HellaSwag ends in an all-reduce that every rank must join, and a figure that any rank cut short is no figure.
+    if cfg.hellaswag and not any_rank(stop.signalled, world, device):
         from data import hellaswag
-        results["hellaswag_acc_norm"] = hellaswag.evaluate(raw_model, cfg.hellaswag_path, device, rank, world, autocast,
+        results["hellaswag_acc_norm"] = hellaswag.evaluate(model.raw, cfg.hellaswag_path, device, rank, world, autocast,
                                                            stop=lambda: stop.signalled)[0]
-    if encoding is not None and rank == 0 and not stop.signalled:
+    cut = any_rank(stop.signalled, world, device)
+    if encoding is not None and rank == 0 and not cut:
         prompt = torch.tensor(encoding.encode(cfg.sample_prompt), device=device).repeat(cfg.sample_count, 1)
         generator = torch.Generator(device).manual_seed(cfg.seed)  # its own RNG: sampling leaves training's alone
         with autocast:
-            out = raw_model.generate(prompt, cfg.sample_tokens, top_k=50, generator=generator,
+            out = model.raw.generate(prompt, cfg.sample_tokens, top_k=50, generator=generator,
                                      vocab_size=encoding.n_vocab)  # never an id of the padded vocabulary
         results["samples"] = [encoding.decode(row.tolist()) for row in out]
-    raw_model.train()
-    return None if stop.signalled else results
+    for m in (model.raw, model.eval):
+        m.train()
+    return None if cut else results
 
 
 def evaluates(cfg, step):
-    """Whether the run evaluates before training step `step`: every eval_interval steps and before the last."""
-    return bool(cfg.eval_interval) and (step % cfg.eval_interval == 0 or step == cfg.max_steps - 1)
+    """Whether the run evaluates the weights after `step` steps: every eval_interval steps and after the last step."""
+    return bool(cfg.eval_interval) and (step % cfg.eval_interval == 0 or step == cfg.max_steps)
 
 
 def saves_after(cfg, step):

@@ -76,6 +76,8 @@ class ShardLoader:
             raise ValueError(f"the checkpoint was made on {state['tokens']} tokens of data, {', '.join(self.paths)} "
                              f"hold {self.starts[-1]}: the data changed, so its position cannot be restored")
         self.pos = state["pos"]
+        if self.pos + self.step_tokens + 1 > self.starts[-1]:  # saved by a loader of smaller steps: wrap as it would
+            self.pos = 0
 
 
 def largest_token_ids(paths, shards):

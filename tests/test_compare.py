@@ -130,10 +130,10 @@ def test_validation_losses_reach_the_readme_table(data_dir, tmp_path, monkeypatc
                             "--sample_count=0"])
     evals = [json.loads(line) for line in open(results / "runs" / "cpu" / "tiny" / "sdpa-eager" / "evals.jsonl")]
     evals = [e for e in evals if e["step"] > 0]
-    assert [e["step"] for e in evals] == [2, 3]
+    assert [e["step"] for e in evals] == [2, 4]  # the last one after the last step: of the final weights
     monkeypatch.setattr(update_readme, "ROOT", str(tmp_path))
     table = update_readme.validation_block("tiny")
-    assert "| run | backend | val loss, step 2 | val loss, step 3 |" in table
+    assert "| run | backend | val loss, step 2 | val loss, step 4 |" in table
     assert f"| `tiny_cpu` | sdpa | {evals[0]['val_loss']:.4f} | {evals[1]['val_loss']:.4f} |" in table
 
 

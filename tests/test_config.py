@@ -1,5 +1,6 @@
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -112,6 +113,34 @@ def test_help_lists_every_key_with_its_description():
     assert run.returncode == 0 and run.stdout.strip() == text
 
 
+def test_help_groups_the_keys_and_shows_a_configs_values():
+    import dataclasses
+    from training.config import TrainConfig, help_text
+    text = help_text()
+    titles = [line for line in text.splitlines() if line and not line.startswith((" ", "usage", "--config", "A "))]
+    assert [t.split()[0].rstrip(":,") for t in titles] == ["data", "model", "optimisation", "evaluation", "checkpoints",
+                                                         "speed", "logging"]
+    section = {}  # key -> the title above it
+    for line in text.splitlines():
+        if line in titles:
+            title = line.split()[0].rstrip(":,")
+        elif line.startswith("  --"):
+            section[line.split()[0][2:]] = title
+    assert section["n_layer"] == "model" and section["loss_chunk"] == section["bf16_params"] == "speed"
+    assert section["seed"] == "optimisation" and section["out_dir"] == "checkpoints"
+    from model import GPTConfig
+    assert set(section) == {f.name for cls in (TrainConfig, GPTConfig) for f in dataclasses.fields(cls)} - {"model"}
+    for f in dataclasses.fields(TrainConfig):  # each training key has its description (model.py's: its own comments)
+        if f.name != "model":
+            assert re.search(rf"--{f.name} \S+ \(default .*\)\s+\S", text), f.name
+    shown = help_text(["--config", "step49", "--max_steps", "7", "--help"])
+    assert "Each key's value in this run (= ...): --config step49 --max_steps 7" in shown
+    assert "--max_steps INT = 7 (default 50)" in shown and "--n_layer INT = 12 (default 12)" in shown
+    run = subprocess.run([sys.executable, os.path.join(CONFIG_DIR, "..", "train_gpt2.py"), "--config", "nope", "-h"],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.startswith("error: config 'nope' not found") and run.stdout == ""
+
+
 def test_compile_without_a_compiler_says_what_to_do(monkeypatch):
     import shutil
     import torch
@@ -171,3 +200,40 @@ def test_compile_modes_are_torch_compiles_and_the_cuda_graph_ones_are_known():
     with pytest.raises(ConfigError, match=r"^compile_mode 'fast': choose one of default, reduce-overhead, "
                        r"max-autotune-no-cudagraphs, max-autotune$"):
         load_config(["--config", "tiny", "--compile_mode", "fast"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta1", "1.5"], r"^beta1 must be in \[0, 1\), got 1.5$"),
+    (["--beta2", "-0.5"], r"^beta2 must be in \[0, 1\), got -0.5$"),
+    (["--adam_eps", "-1"], r"^adam_eps must be positive, got -1.0$"),
+    (["--weight_decay", "-1"], r"^weight_decay must be at least 0, got -1.0$"),
+    (["--warmup_steps", "10", "--max_steps", "3"], r"^warmup_steps \(10\) exceeds max_steps \(3\): .* lower warmup_steps "
+                                                  r"or raise max_steps$")])
+def test_optimiser_values_outside_their_domain(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--config", "tiny", *flags])
+
+
+@pytest.mark.parametrize("line, message", [('compile = "no"', "compile must be true or false, got 'no'"),
+                                           ('learning_rate = "1e-3"', "learning_rate must be float, got '1e-3'"),
+                                           ('max_steps = "10"', "max_steps must be int, got '10'"),
+                                           ("attention = 3", "attention must be str, got 3")])
+def test_toml_values_must_have_the_keys_type(tmp_path, line, message):
+    (tmp_path / "c.toml").write_text(line + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'c.toml'}: {message}")) as e:
+        load_config(["--config", str(tmp_path / "c.toml")])
+    assert str(e.value).endswith("write the value without quotes") == line.endswith('"')
+
+
+def test_bad_optimiser_values_stop_before_the_out_dir_is_claimed(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(CONFIG_DIR, "..", "train_gpt2.py"), "--config", "tiny",
+                          "--beta1", "1.5", "--out_dir", "run"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == ["error: beta1 must be in [0, 1), got 1.5"]
+    assert os.listdir(tmp_path) == []  # no out_dir, no .lock
+
+
+def test_the_tiny_config_saves_the_final_state():
+    """The quick start's run leaves a checkpoint for sample.py, evaluate.py and export_hf.py."""
+    from train_gpt2 import saves_after
+    cfg = load_config(["--config", "tiny"])
+    assert saves_after(cfg, cfg.max_steps - 1)

@@ -111,10 +111,11 @@ def test_resume_with_another_model_shape_names_the_mismatch(data_dir, tmp_path):
 
 def test_evaluation_and_sampling_with_the_model_compiled(data_dir, tmp_path):
     run = train(f"--data_dir={data_dir}", "--batch_size=2", "--max_steps=3", "--eval_interval=2", "--eval_batches=3",
-                "--compile=true", "--sample_prompt=a", "--sample_count=2", "--sample_tokens=5", f"--out_dir={tmp_path}")
+                "--compile=true", "--sample_prompt=a", "--sample_count=2", "--sample_tokens=5", "--checkpoint_interval=3",
+                f"--out_dir={tmp_path}")
     assert run.returncode == 0, run.stderr
     evals = [json.loads(line) for line in open(tmp_path / "evals.jsonl")]
-    assert [e["step"] for e in evals] == [0, 2]  # every 2 steps and at the last
+    assert [e["step"] for e in evals] == [0, 2, 3]  # every 2 steps and after the last: of the final weights
     # Step 0's samples, recomputed by a second code path: a fresh uncompiled model (same seed) sampling directly.
     from data.tokenizer import gpt2_encoding
     enc = gpt2_encoding()
@@ -131,9 +132,22 @@ def test_evaluation_and_sampling_with_the_model_compiled(data_dir, tmp_path):
     with torch.no_grad():
         expected = sum(model(*val.next_batch())[1].item() for _ in range(3)) / 3
     assert evals[0]["val_loss"] == pytest.approx(expected, abs=1e-5)
+    # The last evaluation is of the weights the run saved at its end.
+    final = GPT(GPTConfig(**MODEL, attention="sdpa"))
+    final.load_state_dict(final_weights(tmp_path, 3))
+    val.reset()
+    with torch.no_grad():
+        expected = sum(final(*val.next_batch())[1].item() for _ in range(3)) / 3
+    assert evals[2]["val_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def wandb_or_skip():
+    """W&B's tests need the wandb package: requirements.txt installs it (CI does), a bare GPU machine may lack it."""
+    pytest.importorskip("wandb", reason="the wandb package is not installed here (pip install -r requirements.txt)")
 
 
 def test_wandb_offline_without_an_api_key(data_dir, tmp_path, monkeypatch):
+    wandb_or_skip()
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
@@ -205,6 +219,7 @@ def test_training_offline_skips_samples_with_a_warning(data_dir, tmp_path):
 
 
 def test_wandb_online_without_an_api_key_warns_and_trains(data_dir, tmp_path):
+    wandb_or_skip()
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     env.update(WANDB_MODE="online", HOME=str(tmp_path), HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
     run = train(f"--data_dir={data_dir}", "--batch_size=2", "--max_steps=2", "--wandb", f"--out_dir={tmp_path / 'out'}",
@@ -215,6 +230,7 @@ def test_wandb_online_without_an_api_key_warns_and_trains(data_dir, tmp_path):
 
 
 def test_wandb_resumes_the_same_run(data_dir, tmp_path, monkeypatch):
+    wandb_or_skip()
     monkeypatch.setenv("WANDB_MODE", "offline")
     common = [f"--data_dir={data_dir}", "--batch_size=2", "--wandb", "--checkpoint_interval=2", f"--out_dir={tmp_path}"]
     assert train(*common, "--max_steps=2").returncode == 0

@@ -87,13 +87,44 @@ def test_resume_continues_only_the_same_run(data_dir, tmp_path):
 
 
 def test_resume_auto_with_nothing_to_resume(data_dir, tmp_path):
-    run = train(f"--data_dir={data_dir}", "--batch_size=2", "--max_steps=2", "--resume=auto", f"--out_dir={tmp_path}")
+    common = [f"--data_dir={data_dir}", "--batch_size=2", "--resume=auto", "--checkpoint_interval=0",
+              f"--out_dir={tmp_path}"]
+    run = train(*common, "--max_steps=2")
     assert run.returncode == 0, run.stderr
     assert "no checkpoint in" in run.stdout and "starting a fresh run" in run.stdout
-    # The same again: the folder now holds a run (no checkpoints were asked for), so there is nothing to continue
-    line = one_error_line(train(f"--data_dir={data_dir}", "--batch_size=2", "--max_steps=4", "--resume=auto",
-                                f"--out_dir={tmp_path}"))
-    assert "no complete checkpoint" in line and "holds another run" in line
+    # The same again: the folder now holds a run (no checkpoints were asked for), so there is nothing to continue,
+    # and --resume auto is no advice
+    before = snapshot(tmp_path)
+    line = one_error_line(train(*common, "--max_steps=4"))
+    assert "holds a run" in line and "steps up to 1" in line and "no complete checkpoint to continue it from" in line
+    assert "checkpoint_interval" in line and "--resume auto," not in line and "--overwrite true" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_a_finished_run_resumed_trains_nothing_and_changes_nothing(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", "--batch_size=2", "--checkpoint_interval=2", "--resume=auto",
+              f"--out_dir={tmp_path}"]
+    assert train(*common, "--max_steps=4").returncode == 0
+    before = snapshot(tmp_path)
+    run = train(*common, "--max_steps=4")  # a job script started again after the run's end
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert run.stdout.strip() == (f"nothing to train: {tmp_path}/checkpoints/step_000004 is the state after 4 steps "
+                                  "and max_steps is 4; the run's files are left as they are (raise --max_steps to "
+                                  "train further)")
+    line = one_error_line(train(*common, "--max_steps=3"))
+    assert "--max_steps 3 is below the step of the checkpoint to resume from" in line and "above 4" in line
+    assert snapshot(tmp_path) == before  # summary.json, config.json, the logs and checkpoints, byte for byte
+
+
+def test_a_run_that_died_before_its_first_step_leaves_nothing_in_the_way(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", "--batch_size=2", "--max_steps=2", f"--out_dir={tmp_path}"]
+    died = train(*common, fault="nan:0:0")  # ends at its first step: config.json and empty logs left behind
+    assert died.returncode == 1 and "non-finite loss at step 0" in died.stdout
+    assert (tmp_path / "config.json").exists() and read_metrics(tmp_path) == []
+    run = train(*common)  # the same command again
+    assert run.returncode == 0, run.stderr
+    assert f"replaced the files of a run that ended before its first step in {tmp_path}" in run.stdout
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
 
 
 @pytest.mark.parametrize("value", ["atuo", "true"])

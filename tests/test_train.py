@@ -7,10 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MODEL, read_metrics, train
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+from conftest import FLAGS, MODEL, read_metrics, train
 from data.loader import ShardLoader
 from data.shards import write_shard
 from model import GPT, GPTConfig
+from train_gpt2 import build_model, evaluate, make_optimizer, train_step
+from training.config import load_config
+
+CPU = torch.device("cpu")
+NO_STOP = SimpleNamespace(signalled=False, flag=lambda device: torch.zeros((), device=device))
 
 def test_three_steps_through_the_entry_point(data_dir, tmp_path):
     started, started_unix = time.perf_counter(), time.time()
@@ -129,12 +137,16 @@ def test_overlap_steps_logs_the_same_steps_and_saves_the_same_checkpoints(data_d
     those occasions falling mid-run."""
     common = [f"--data_dir={data_dir}", "--max_steps=9", "--batch_size=2", "--eval_interval=4", "--eval_batches=1",
               "--checkpoint_interval=3", "--keep_last=5", "--sample_count=0"]
-    runs = {o: train(*common, f"--overlap_steps={o}", f"--out_dir={tmp_path / o}") for o in ("false", "true")}
+    # Each step's work takes 60 ms on a simulated GPU that runs apart from the host (tests/fake_gpu.py), so a step
+    # read late is read after the next one is queued, as on a GPU.
+    runs = {o: train(*common, f"--overlap_steps={o}", f"--out_dir={tmp_path / o}", fault="slowgpu:0:60")
+            for o in ("false", "true")}
     assert all(r.returncode == 0 for r in runs.values()), [r.stderr for r in runs.values()]
     keys = ("step", "loss", "lr", "grad_norm")
     rows = {o: [{k: r[k] for k in keys} for r in read_metrics(tmp_path / o)] for o in runs}
     assert [r["step"] for r in rows["true"]] == list(range(9)) and rows["true"] == rows["false"]
-    assert all(r["dt_ms"] > 0 for r in read_metrics(tmp_path / "true"))  # each step's own time, even when read late
+    for o in runs:  # no row below its step's GPU time, even when read late
+        assert min(r["dt_ms"] for r in read_metrics(tmp_path / o)) >= 60 - 1e-6, o
     assert (tmp_path / "true" / "evals.jsonl").read_text() == (tmp_path / "false" / "evals.jsonl").read_text()
     lines = {o: [line.split(" | ")[:4] for line in r.stdout.splitlines() if line.startswith(("step ", "eval "))]
              for o, r in runs.items()}
@@ -145,6 +157,16 @@ def test_overlap_steps_logs_the_same_steps_and_saves_the_same_checkpoints(data_d
     for name in saved:
         a, b = (torch.load(tmp_path / o / "checkpoints" / name / "model.pt") for o in ("true", "false"))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_row_takes_in_an_evaluation(data_dir, tmp_path):
+    """On the simulated GPU a step takes 60 ms and an evaluation 1.5 s: the step after an evaluation starts when it
+    does, not when the step before it ended, so its row is its own time (with overlap_steps: a step late)."""
+    run = train(f"--data_dir={data_dir}", "--max_steps=3", "--batch_size=2", "--eval_interval=1", "--eval_batches=1",
+                "--sample_count=0", "--overlap_steps", f"--out_dir={tmp_path}", fault="slowgpu:0:60/1500")
+    assert run.returncode == 0, run.stderr
+    dt = [r["dt_ms"] for r in read_metrics(tmp_path)]
+    assert len(dt) == 3 and all(60 - 1e-6 <= ms < 1500 for ms in dt), dt
 
 
 def test_speed_settings_train_like_the_plain_path(tmp_path):
@@ -165,3 +187,72 @@ def test_speed_settings_train_like_the_plain_path(tmp_path):
     np.testing.assert_allclose(fast_loss, plain_loss, rtol=0, atol=2e-2)
     weights = torch.load(tmp_path / "fast" / "checkpoints" / "step_000006" / "model.pt")
     assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
+def test_weight_decay_falls_on_the_matrices_alone_and_one_adamw_step_is_the_hand_computed_one():
+    """decay_all_params=false: the weights of the Linear and Embedding modules decay; biases and LayerNorm gains do
+    not (found here by module type, not by shape as make_optimizer does). One AdamW step from known gradients
+    against the update written out in fp64: p <- p·(1 - lr·wd) - lr·m̂/(√v̂ + eps), with m̂ = g, v̂ = g² at step 1."""
+    cfg = load_config(["--config", "tiny", *FLAGS, "--decay_all_params=false", "--weight_decay=0.1",
+                       "--learning_rate=0.01"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    decays = {}
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            decays[id(p)] = (f"{module_name}.{name}", isinstance(module, (torch.nn.Linear, torch.nn.Embedding))
+                             and name == "weight")
+    optimizer = make_optimizer(model, cfg, CPU)
+    groups = {g["weight_decay"]: {decays[id(p)][0] for p in g["params"]} for g in optimizer.param_groups}
+    assert groups == {0.1: {n for n, d in decays.values() if d}, 0.0: {n for n, d in decays.values() if not d}}
+    assert "transformer.h.0.ln_1.weight" in groups[0.0] and "transformer.h.0.attn.c_attn.bias" in groups[0.0]
+    assert "transformer.h.0.attn.c_attn.weight" in groups[0.1] and "transformer.wpe.weight" in groups[0.1]
+
+    before = {id(p): p.detach().double().clone() for p in model.parameters()}
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    grads = {id(p): p.grad.double() for p in model.parameters()}
+    optimizer.step()
+    for p in model.parameters():
+        decay = 0.1 if decays[id(p)][1] else 0.0
+        expected = before[id(p)] * (1 - 0.01 * decay) - 0.01 * grads[id(p)] / (grads[id(p)].abs() + 1e-8)
+        torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=1e-7, msg=decays[id(p)][0])
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_a_step_clips_the_gradient_norm_it_reports(data_dir, clip):
+    """One training step against a second code path (the model's own backward on the same batch, the norm in fp64):
+    the step reports the norm before clipping; with grad_clip below it the gradients it applied are the reference's
+    scaled to norm grad_clip, without clipping they are the reference's."""
+    cfg = load_config(["--config", "tiny", *FLAGS, f"--data_dir={data_dir}", "--batch_size=4",
+                       f"--grad_clip={clip}"])
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, CPU, nullcontext(), 0, 1)
+    reference = GPT(cfg.model)
+    reference.load_state_dict(model.raw.state_dict())
+    x, y = ShardLoader(data_dir, "train", 4, 16).next_batch()
+    reference(x, y)[1].backward()
+    ref_grads = [p.grad.double() for p in reference.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ref_grads])).item()
+    assert norm > 0.5  # so that clipping at 0.5 changes something
+
+    figures = train_step(model, ShardLoader(data_dir, "train", 4, 16), 1e-3, cfg.grad_clip, 1, 1, NO_STOP, CPU)
+    assert figures.tolist()[2] == pytest.approx(norm, rel=1e-5)
+    scale = clip / norm if clip else 1.0
+    for p, g in zip(model.raw.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad.double(), g * scale, rtol=1e-4, atol=1e-7)
+
+
+def test_every_evaluation_runs_in_eval_mode_on_whichever_copy_runs_it(data_dir, monkeypatch):
+    """With bf16_params the validation loss runs on the bf16 copy: it too is in eval mode while it does, and both
+    copies train again afterwards."""
+    cfg = load_config(["--config", "tiny", *FLAGS, f"--data_dir={data_dir}", "--bf16_params", "--eval_batches=2",
+                       "--sample_count=0"])
+    model = build_model(cfg, CPU, nullcontext(), 0, 1)
+    modes, forward = [], GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, *a, **k: modes.append(self.training) or forward(self, *a, **k))
+    results = evaluate(cfg, model, ShardLoader(data_dir, "val", cfg.batch_size, 16), CPU, nullcontext(), 0, 1, None,
+                       NO_STOP)
+    assert modes == [False, False] and set(results) == {"val_loss"}
+    assert model.raw.training and model.bf16.model.training

@@ -16,12 +16,13 @@ class CheckpointError(ValueError):
     pass
 
 
-# The settings that make a run the run it is: resuming with any of these changed would continue a different
-# experiment. Everything else (backend, micro-batch size, compile, evaluation, logging, max_steps) may change; a
-# change of data is caught by the loader (its position is only valid on the same tokens).
+# The settings that make a run the run it is: resuming with any of these changed, or with another number of tokens per
+# step, would continue a different experiment. Everything else (backend, the split of a step into processes,
+# micro-steps and batch_size, compile, evaluation, logging, max_steps) may change; a change of data is caught by the
+# loader (its position is only valid on the same tokens).
 MODEL_KEYS = ["block_size", "vocab_size", "n_layer", "n_head", "n_embd"]
-SAME_RUN_KEYS = MODEL_KEYS + ["seq_len", "total_batch_size", "learning_rate", "lr_schedule", "warmup_steps", "min_lr",
-                              "weight_decay", "decay_all_params", "beta1", "beta2", "adam_eps", "grad_clip", "seed"]
+SAME_RUN_KEYS = MODEL_KEYS + ["seq_len", "learning_rate", "lr_schedule", "warmup_steps", "min_lr", "weight_decay",
+                              "decay_all_params", "beta1", "beta2", "adam_eps", "grad_clip", "seed"]
 
 
 def checkpoint_dir(out_dir, step):
@@ -117,14 +118,29 @@ def newest_readable(out_dir, clean=True):
     return None, None
 
 
-def check_same_run(saved, now, path):
-    """Refuse to continue a run with the settings of another (see SAME_RUN_KEYS)."""
+def check_same_run(state, now, world, path):
+    """Refuse to continue a run with the settings of another (see SAME_RUN_KEYS), or with another number of tokens per
+    step: with total_batch_size 0 that number follows the number of processes. `state` is the checkpoint's."""
+    saved = state["config"]
     differ = [k for k in SAME_RUN_KEYS if saved.get(k) != now[k]]
     if differ:
         what = "the model differs" if set(differ) & set(MODEL_KEYS) else "the run's settings differ"
         detail = "; ".join(f"{k} {saved.get(k)!r} (checkpoint) != {now[k]!r} (now)" for k in differ)
         raise CheckpointError(f"cannot resume from {path}: {what}: {detail}. Resume with the run's settings, or "
                               "start a new run in another --out_dir")
+    (before, how_before), (after, how_now) = _tokens_per_step(saved, state["world_size"]), _tokens_per_step(now, world)
+    if before != after:
+        raise CheckpointError(f"cannot resume from {path}: it trained {before:,} tokens per step ({how_before}), this run "
+                              f"would train {after:,} ({how_now}). Resume with --total_batch_size {before} (a multiple "
+                              f"of batch_size x seq_len x processes), or on {state['world_size']} process(es)")
+
+
+def _tokens_per_step(settings, world):
+    """(tokens per optimizer step, how they come about) for a run's settings on `world` processes."""
+    if settings["total_batch_size"]:
+        return settings["total_batch_size"], f"total_batch_size {settings['total_batch_size']}"
+    B, T = settings["batch_size"], settings["seq_len"]
+    return B * T * world, f"total_batch_size 0: batch_size {B} x seq_len {T} x {world} process(es)"
 
 
 def read_newest(path):

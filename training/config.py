@@ -46,8 +46,9 @@ class TrainConfig:
     beta2: float = 0.999  # AdamW beta2
     adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 0.0  # clip the global gradient norm to this; 0: no clipping (the norm is logged anyway)
-    # evaluation, every eval_interval steps and at the last step
-    eval_interval: int = 0  # evaluate every this many steps and at the last step; 0: never
+    seed: int = 1337  # random seed of the initialisation and the samples
+    # evaluation, every eval_interval steps and after the last step
+    eval_interval: int = 0  # evaluate every this many steps and after the last step (the final weights); 0: never
     eval_batches: int = 20  # validation batches of B*T tokens per process
     hellaswag: bool = False  # HellaSwag acc_norm at each evaluation (prepare with python -m data.hellaswag)
     hellaswag_path: str = "data/hellaswag/hellaswag_val.jsonl"  # the HellaSwag validation file
@@ -55,15 +56,12 @@ class TrainConfig:
     sample_count: int = 4  # samples at each evaluation
     sample_tokens: int = 32  # new tokens per sample
     # checkpoints, in out_dir/checkpoints
-    checkpoint_interval: int = 0  # save every this many steps and at the last step; 0: never
+    out_dir: str = "out"  # the run's folder: config, logs, summary, checkpoints (one run per folder)
+    checkpoint_interval: int = 0  # save every this many steps and after the last step; 0: never
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     resume: str = ""  # "": a fresh run; auto: the newest complete checkpoint in out_dir; or a checkpoint path
     overwrite: bool = False  # true: delete another run's files in out_dir and start afresh
-    # logging
-    wandb: bool = False  # log to Weights & Biases (rank 0; offline when no API key is configured)
-    wandb_project: str = "gpt2-attention"  # W&B project
-    wandb_run_name: str = ""  # W&B run name; "": W&B's own
-    # system
+    # speed, and the machine (TRAINING_NOTES.md has each speed setting's measurement)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
     compile: bool = True  # torch.compile the whole model (fullgraph=True)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune-no-cudagraphs | max-autotune
@@ -71,11 +69,17 @@ class TrainConfig:
     bf16_params: bool = False  # bf16 parameters, gradients and activations, AdamW on fp32 masters (training/precision.py)
     overlap_steps: bool = False  # read each step's loss, norm and stop flag a step late: the host queues the next step meanwhile
     dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before the run fails
-    seed: int = 1337  # random seed of the initialisation and the samples
-    out_dir: str = "out"  # the run's folder: config, logs, summary, checkpoints (one run per folder)
+    # logging
+    wandb: bool = False  # log to Weights & Biases (rank 0; offline when no API key is configured)
+    wandb_project: str = "gpt2-attention"  # W&B project
+    wandb_run_name: str = ""  # W&B run name; "": W&B's own
     timing_warmup: int = 10  # first steps of each process left out of the mean ms/step (compile, autotune)
     profile_steps: int = 0  # trace this many steps after timing_warmup into out_dir/trace.json (scripts/profile_step.py)
     model: GPTConfig = field(default_factory=GPTConfig)
+
+
+# --help lists GPTConfig's keys under "model", except these, which change the speed or memory of a step, not the model.
+SPEED_MODEL_KEYS = ("loss_chunk", "recompute_gelu", "fp8_lm_head")
 
 
 def _key_types():
@@ -97,21 +101,25 @@ ALIASES = {"lr": "learning_rate", "max_lr": "learning_rate", "bs": "batch_size",
 
 
 def _convert(key, typ, value, source):
-    """Coerce a TOML value or a command-line string to the field's type, or say why not."""
-    if typ is bool and not isinstance(value, bool) and str(value).strip().lower() not in BOOLEANS:
-        raise ConfigError(f"{source}: {key} must be true or false (also 1/0, yes/no, on/off), got {value!r}")
-    if isinstance(value, str) and typ is not str:  # from the command line
+    """Coerce a command-line string to the field's type; a TOML value must have it already (an int for a float is
+    fine). Or say why not."""
+    expected = "true or false" if typ is bool else typ.__name__
+    if source == "command line" and typ is not str:
         text = value.strip().lower()
         if typ is bool:
+            if text not in BOOLEANS:
+                raise ConfigError(f"{source}: {key} must be true or false (also 1/0, yes/no, on/off), got {value!r}")
             return BOOLEANS[text]
         try:
-            value = int(value) if typ is int else float(value) if typ is float else value
+            value = int(text) if typ is int else float(text)
         except ValueError:
             pass
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not typ:
-        raise ConfigError(f"{source}: {key} must be {typ.__name__}, got {value!r}")
+        quoted = source != "command line" and isinstance(value, str)
+        raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}" +
+                          (": a TOML string; write the value without quotes" if quoted else ""))
     return value
 
 
@@ -215,13 +223,21 @@ def validate(cfg):
     if cfg.activation_memory_budget < 1 and not cfg.compile:
         raise ConfigError(f"activation_memory_budget {cfg.activation_memory_budget} needs torch.compile (its partitioner "
                           "does the recomputing): set --compile true, or leave the budget at 1")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if not cfg.adam_eps > 0:
+        raise ConfigError(f"adam_eps must be positive, got {cfg.adam_eps}")
+    if cfg.warmup_steps > cfg.max_steps:
+        raise ConfigError(f"warmup_steps ({cfg.warmup_steps}) exceeds max_steps ({cfg.max_steps}): the learning rate "
+                          "would never reach its peak; lower warmup_steps or raise max_steps")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"lr_schedule {cfg.lr_schedule!r}: choose constant or cosine")
     for key in ("total_batch_size", "warmup_steps", "eval_interval", "checkpoint_interval", "timing_warmup",
                 "profile_steps", "sample_count", "sample_tokens"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative, got {getattr(cfg, key)}")
-    for key, least in (("grad_clip", 0), ("keep_last", 1), ("eval_batches", 1), ("dist_timeout", 1)):
+    for key, least in (("grad_clip", 0), ("weight_decay", 0), ("keep_last", 1), ("eval_batches", 1), ("dist_timeout", 1)):
         if getattr(cfg, key) < least:
             raise ConfigError(f"{key} must be at least {least}, got {getattr(cfg, key)}")
 
@@ -246,25 +262,38 @@ def grad_accum_steps(cfg, world):
     return cfg.total_batch_size // micro
 
 
-def help_text():
-    """`--help`: every key with its type, default and description, grouped as in the dataclasses. The descriptions
-    are read from the dataclasses' own comments, so they are written in one place."""
+def help_text(argv=()):
+    """`--help`: every key with its type, default and description, in groups (data, model, optimisation, evaluation,
+    checkpoints, speed, logging); with --config (and flags) in argv, each key's value in that run too. Descriptions
+    and groups are read from the dataclasses' own comments, so they are written in one place."""
+    argv = [a for a in argv if a not in ("-h", "--help")]
+    values = flat_config(load_config(argv)) if argv else None
+    groups = {}  # title -> lines
+    for cls in (TrainConfig, GPTConfig):
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "model"}
+        title = "model (model.py's GPTConfig)"
+        for line in inspect.getsource(cls).splitlines()[2:]:
+            group = re.fullmatch(r"\s+# (.*)", line)
+            field_ = re.fullmatch(r"\s+(\w+): (\w+) = .*?(?:  # (.*))?", line)
+            if group:
+                title = group[1]
+            elif field_ and field_[1] in defaults:
+                name, typ, desc = field_[1], field_[2], field_[3] or ""
+                value = "" if values is None else f" = {values[name]!r}"
+                under = next(t for t in groups if t.startswith("speed")) if name in SPEED_MODEL_KEYS else title
+                groups.setdefault(under, []).append(f"  --{name} {typ.upper()}{value} (default {defaults[name]!r})".ljust(56)
+                                                    + f" {desc}")
+    order = ["data", "model", "optimisation", "evaluation", "checkpoints", "speed", "logging"]
+    titles = sorted(groups, key=lambda t: order.index(next(o for o in order if t.startswith(o))))
     lines = ["usage: python train_gpt2.py [--config NAME_OR_PATH] [--key value | --key=value ...]",
              "       torchrun --standalone --nproc_per_node=N train_gpt2.py [same]",
              "",
              f"--config: a TOML file of these keys, or one of configs/: {', '.join(_config_names())}. Flags override it.",
              "A boolean flag alone means true (--compile); otherwise true/false, 1/0, yes/no, on/off."]
-    for cls, title in ((TrainConfig, "training"), (GPTConfig, "model")):
-        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "model"}
-        lines += ["", f"{title}:"]
-        for line in inspect.getsource(cls).splitlines()[2:]:
-            group = re.fullmatch(r"\s+# (.*)", line)
-            field_ = re.fullmatch(r"\s+(\w+): (\w+) = .*?(?:  # (.*))?", line)
-            if group:
-                lines.append(f"  # {group[1]}")
-            elif field_ and field_[1] in defaults:
-                name, typ, desc = field_[1], field_[2], field_[3] or ""
-                lines.append(f"  --{name} {typ.upper()} (default {defaults[name]!r})".ljust(56) + f" {desc}")
+    if values is not None:
+        lines.append(f"Each key's value in this run (= ...): {' '.join(argv)}")
+    for title in titles:
+        lines += ["", f"{title}:", *groups[title]]
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """What a run reports: the machine it ran on, MFU, the per-step log, the summary that results/ keeps, and W&B."""
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -84,30 +85,6 @@ def peak_memory_gib(device):
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-class StepFigures:
-    """A step's figures (a 1-D float tensor) on their way to the host. On CUDA the copy goes to pinned memory without
-    blocking, behind an event, so the host waits for the step's GPU work only when it reads them; elsewhere the
-    step's work is done and the values are there when they are made. `ready`: when the host had them (on CUDA, when
-    it read them; time.perf_counter)."""
-
-    def __init__(self, step, lr, t0, values):
-        self.step, self.lr, self.t0 = step, lr, t0  # t0: when the host began the step
-        self._event = None
-        if values.is_cuda:
-            self._values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self._values.copy_(values, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._values, self.ready = values, time.perf_counter()
-
-    def read(self):
-        if self._event is not None:
-            self._event.synchronize()
-            self.ready = time.perf_counter()
-        return self._values.tolist()
-
-
 def traced_steps(cfg):
     """The steps that step_profiler traces: cfg.profile_steps of them after the timing warm-up. It writes the trace
     in the .step() call that ends the last of them."""
@@ -159,6 +136,62 @@ def _read(path):
             return f.read()
     except OSError:
         return ""
+
+
+class RunLog:
+    """Rank 0's record of the run: config.json, a row per step in metrics.jsonl (and its line printed), each
+    evaluation in evals.jsonl, W&B, and summary.json at the end. A resumed run keeps the rows before its first step."""
+
+    def __init__(self, cfg, settings, start_step, tokens_per_step, world, mfu, device, wandb_id):
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(settings, f, indent=2)
+        self.metrics, self.rows = open_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step)
+        self.evals, _ = open_log(os.path.join(cfg.out_dir, "evals.jsonl"), start_step)
+        self.run = start_wandb(cfg, settings, wandb_id) if cfg.wandb else None
+        self.wandb_id = self.run.id if self.run else wandb_id
+        self.cfg, self.settings, self.start_step, self.world = cfg, settings, start_step, world
+        self.tokens_per_step, self.mfu, self.device = tokens_per_step, mfu, device
+        self.seconds = []  # this process's step times, in order: the ETA's running mean
+
+    def step(self, step, lr, loss, grad_norm, dt):
+        mem = peak_memory_gib(self.device)
+        row = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, dt_ms=1e3 * dt, tok_per_s=self.tokens_per_step / dt,
+                   tok_per_s_per_gpu=self.tokens_per_step / dt / self.world, mfu=self.mfu(dt), peak_mem_gib=mem,
+                   time=time.time())  # when the host had the step's figures (Unix time): lines the log up with others
+        self.rows.append(row)
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if self.run:
+            self.run.log({k: v for k, v in row.items() if k != "time"}, step=step)  # W&B keeps its own clock
+        self.seconds.append(dt)
+        recent = self.seconds[self.cfg.timing_warmup:] or self.seconds  # the warm-up left out once past it
+        eta = (self.cfg.max_steps - 1 - step) * sum(recent) / len(recent)
+        print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.4f} | {1e3 * dt:8.2f} ms | "
+              f"{row['tok_per_s']:10,.0f} tok/s | MFU {'n/a' if row['mfu'] is None else format(row['mfu'], '.1%')} | "
+              f"{'n/a' if mem is None else format(mem, '.2f')} GiB | ETA {datetime.timedelta(seconds=round(eta))}")
+
+    def evaluation(self, step, results):
+        print(f"eval step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "samples"))
+        for text in results.get("samples", []):
+            print(f"  sample: {text!r}")
+        self.evals.write(json.dumps(dict(step=step, **results)) + "\n")
+        self.evals.flush()
+        if self.run:
+            self.run.log({k: v for k, v in results.items() if k != "samples"}, step=step)
+
+    def close(self, env, status):
+        """Write summary.json (if a step was logged) and print the run's final line."""
+        self.metrics.close()
+        self.evals.close()
+        if self.rows:
+            summary = summarize(self.rows, self.start_step, self.cfg.timing_warmup, env, self.settings, self.world,
+                                self.tokens_per_step, self.mfu, status)
+            with open(os.path.join(self.cfg.out_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            ms = f"{summary['mean_ms']:.2f} ms/step, " if summary["mean_ms"] else ""
+            print(f"final: step {summary['final_step']} loss {summary['final_loss']:.6f} | {ms}{summary['timing']}")
+        if self.run:
+            self.run.finish()
 
 
 def summarize(rows, start_step, timing_warmup, env, settings, world, tokens_per_step, mfu, exit_status):

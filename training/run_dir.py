@@ -8,7 +8,8 @@ import json
 import os
 import shutil
 
-from training.checkpoints import CheckpointError, newest_readable, read_checkpoint, resolve_checkpoint
+from training.checkpoints import (CheckpointError, complete_checkpoints, newest_readable, read_checkpoint,
+                                  resolve_checkpoint)
 
 try:
     import fcntl
@@ -46,34 +47,43 @@ def lock(out_dir):
     return f
 
 
+class RunFinished(RunDirError):
+    """The checkpoint to resume from is at max_steps: nothing to train."""
+
+
 def previous_run(out_dir):
-    """What out_dir holds of an earlier run, in words, or None."""
-    present = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
-    if not present:
-        return None
+    """What out_dir holds of an earlier run that a new one would lose (a logged step or a complete checkpoint), in
+    words, or None. The files of a run that ended before its first step hold nothing to lose."""
     last = None
     try:
         with open(os.path.join(out_dir, "metrics.jsonl")) as f:
             last = max(json.loads(line)["step"] for line in f if line.strip())
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    saved = complete_checkpoints(out_dir)
+    if last is None and not saved:
+        return None
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
     reached = f"it logged steps up to {last}" if last is not None else "no step logged"
-    return f"{', '.join(present)}; {reached}"
+    return f"{', '.join(present)}; {reached}" + (f"; newest checkpoint {os.path.basename(saved[-1])}" if saved else "")
 
 
 def claim(cfg):
     """Rank 0: lock out_dir and decide how this run uses it. Returns (lock file, checkpoint path, checkpoint) with
-    path and checkpoint None for a fresh run. Raises RunDirError or CheckpointError before any work is done."""
+    path and checkpoint None for a fresh run. Raises RunDirError (RunFinished when there is nothing left to train)
+    or CheckpointError before any work is done and before anything in out_dir is changed."""
     f = lock(cfg.out_dir)
     previous = previous_run(cfg.out_dir)
-    refusal = (f"out_dir {cfg.out_dir!r} holds another run ({previous}). Continue it with --resume auto, choose "
-               "another --out_dir, or delete its files and start afresh with --overwrite true")
+    choices = "choose another --out_dir, or delete its files and start afresh with --overwrite true"
+    resumable = "continue it with --resume auto, " if complete_checkpoints(cfg.out_dir) else ""
+    refusal = f"out_dir {cfg.out_dir!r} holds another run ({previous}); {resumable}{choices}"
     if cfg.resume == "auto":
         path, ckpt = newest_readable(cfg.out_dir)
         if path is not None:
-            return f, path, ckpt
+            return f, path, steps_left(cfg, path, ckpt)
         if previous and not cfg.overwrite:
-            raise RunDirError(f"--resume auto found no complete checkpoint to resume from; {refusal}")
+            raise RunDirError(f"--resume auto: out_dir {cfg.out_dir!r} holds a run ({previous}) but no complete "
+                              f"checkpoint to continue it from (was checkpoint_interval 0?); {choices}")
         print(f"--resume auto: no checkpoint in {cfg.out_dir}; starting a fresh run")
     elif cfg.resume:
         if not os.path.isdir(cfg.resume):
@@ -88,25 +98,41 @@ def claim(cfg):
                 raise RunDirError(f"--resume {cfg.resume}: none of its checkpoints can be read")
         else:
             ckpt = read_checkpoint(path)
+        steps_left(cfg, path, ckpt)
         own = os.path.abspath(path).startswith(os.path.join(os.path.abspath(cfg.out_dir), ""))
         if own or not previous:
             return f, path, ckpt
         if not cfg.overwrite:
             raise RunDirError(f"--resume {cfg.resume} into another folder: {refusal}")
-        _delete_run(cfg.out_dir)
+        _delete_run(cfg.out_dir, "--overwrite: deleted the earlier run's files")
         return f, path, ckpt
     if previous:
         if not cfg.overwrite:
             raise RunDirError(refusal)
-        _delete_run(cfg.out_dir)
+        _delete_run(cfg.out_dir, "--overwrite: deleted the earlier run's files")
+    elif any(os.path.exists(os.path.join(cfg.out_dir, name)) for name in RUN_FILES):
+        _delete_run(cfg.out_dir, "replaced the files of a run that ended before its first step")
     return f, None, None
 
 
-def _delete_run(out_dir):
+def steps_left(cfg, path, ckpt):
+    """The checkpoint, if the run has steps left to train from it."""
+    step = ckpt["state"]["step"]
+    if step == cfg.max_steps:
+        raise RunFinished(f"nothing to train: {path} is the state after {step} steps and max_steps is {cfg.max_steps}; "
+                          "the run's files are left as they are (raise --max_steps to train further)")
+    if step > cfg.max_steps:
+        raise RunDirError(f"--max_steps {cfg.max_steps} is below the step of the checkpoint to resume from ({path}, the "
+                          f"state after {step} steps); nothing was changed. Raise --max_steps above {step}, or start "
+                          "a new run in another --out_dir")
+    return ckpt
+
+
+def _delete_run(out_dir, why):
     for name in RUN_FILES:
         path = os.path.join(out_dir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
         elif os.path.exists(path):
             os.remove(path)
-    print(f"--overwrite: deleted the earlier run's files in {out_dir}")
+    print(f"{why} in {out_dir}")
