@@ -35,6 +35,50 @@ def test_loss_and_gradients_equal_cross_entropy_on_full_logits(chunk):
         torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-6)
 
 
+def with_ignored(targets, rows):
+    """targets with F.cross_entropy's ignore_index (-100) at `rows`."""
+    targets = targets.clone()
+    targets[rows] = -100
+    return targets
+
+
+# Ignored rows: scattered, one whole chunk of 8 (rows 8-15), and the last row.
+IGNORED = [0, 3, *range(8, 16), 36]
+
+
+@pytest.mark.parametrize("chunk", [8, 37])
+def test_ignore_index_targets_are_ignored_as_by_cross_entropy(chunk):
+    """Targets of -100 add no loss and no gradient, and the mean is over the other rows, as in F.cross_entropy (the
+    plain path, which the reference is): fused, and inside the whole GPT against the plain path."""
+    g = torch.Generator().manual_seed(chunk)
+    h, weight = torch.randn(37, 16, generator=g), torch.randn(101, 16, generator=g)
+    targets = with_ignored(torch.randint(0, 101, (37,), generator=g), IGNORED)
+    got, expected = fused(h, weight, targets, chunk), reference(h, weight, targets)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-6)
+    assert torch.all(got[1][IGNORED] == 0)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_lm_head_loss(h, weight, targets, chunk).double(), expected[0], atol=1e-6, rtol=1e-6)
+    all_ignored = torch.full_like(targets, -100)  # no row counts: nan on both paths
+    assert fused(h, weight, all_ignored, chunk)[0].isnan() and reference(h, weight, all_ignored)[0].isnan()
+
+
+def test_gpt_with_loss_chunk_ignores_targets_as_the_plain_path_does():
+    idx = torch.randint(0, 101, (3, 21), generator=torch.Generator().manual_seed(1))
+    targets = with_ignored(idx[:, 1:], (slice(None), slice(5, 12)))
+    results = []
+    for loss_chunk in (16, 0):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**TINY, loss_chunk=loss_chunk))
+        _, loss = model(idx[:, :-1], targets)
+        loss.backward()
+        results.append((loss, {name: p.grad for name, p in model.named_parameters()}))
+    (loss, grads), (plain_loss, plain_grads) = results
+    torch.testing.assert_close(loss, plain_loss, atol=1e-6, rtol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_without_grad_only_the_forward_matmuls_run():
     h, weight, targets = torch.randn(40, 16), torch.randn(101, 16), torch.randint(0, 101, (40,))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -207,10 +251,10 @@ def test_kernel_equals_cross_entropy_in_fp64(vocab, block):
     g = torch.Generator().manual_seed(vocab)
     logits = 4 * torch.randn(7, vocab, generator=g)
     targets = torch.randint(0, vocab, (7,), generator=g)
-    targets[:2] = torch.tensor([0, vocab - 1])  # the first and last column
+    targets[:3] = torch.tensor([0, vocab - 1, -100])  # the first and last column, and an ignored row
     loss, grad = cross_entropy.loss_and_grad(logits.to(DEVICE), targets.to(DEVICE), 0.25, block=block)
     x = logits.double().requires_grad_()
-    expected = F.cross_entropy(x, targets, reduction="none")
+    expected = F.cross_entropy(x, targets, reduction="none")  # 0 for the ignored row, and its gradient 0
     (expected.sum() * 0.25).backward()
     torch.testing.assert_close(loss.cpu().double(), expected.detach(), atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(grad.cpu().double(), x.grad, atol=1e-7, rtol=1e-5)
@@ -276,6 +320,16 @@ def test_fused_loss_with_the_kernel_equals_cross_entropy_on_full_logits(kernel):
     h, weight = torch.randn(37, 16, generator=g), torch.randn(101, 16, generator=g)
     targets = torch.randint(0, 101, (37,), generator=g)
     got = fused(h.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE), 16)
+    for a, b in zip(got, reference(h, weight, targets)):
+        torch.testing.assert_close(a.cpu().double(), b, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_loss_with_the_kernel_ignores_targets_as_cross_entropy_does(kernel):
+    """The kernel gives an ignored row loss 0 and a zero gradient, and never reads column -100 (out of bounds)."""
+    g = torch.Generator().manual_seed(0)
+    h, weight = torch.randn(37, 16, generator=g), torch.randn(101, 16, generator=g)
+    targets = with_ignored(torch.randint(0, 101, (37,), generator=g), IGNORED)
+    got = fused(h.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE), 8)
     for a, b in zip(got, reference(h, weight, targets)):
         torch.testing.assert_close(a.cpu().double(), b, atol=1e-6, rtol=1e-6)
 
