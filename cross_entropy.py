@@ -72,7 +72,8 @@ def loss_and_grad(logits, targets, scale, fp8_scale=None, ignore_index=-100, blo
     grad = (torch.empty(n, vocab, dtype=torch.float8_e5m2, device=logits.device) if fp8 else
             torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device))
     _cross_entropy_kernel[(n,)](logits, targets, grad, loss, vocab, logits.stride(0), scale, fp8_scale or 0.0,
-                                ignore_index, BLOCK_V=min(block, triton.next_power_of_2(vocab)), FP8=fp8, num_warps=num_warps)
+                                ignore_index, BLOCK_V=min(block, triton.next_power_of_2(vocab)), FP8=fp8,
+                                num_warps=num_warps)
     return loss, grad
 
 

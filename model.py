@@ -204,9 +204,10 @@ def _padded_to_16_bytes(w):
 
 def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad, fp8=False):
     """The cross-entropy of the logits h @ weightᵀ summed over the rows and divided by their number N (a row whose
-    target is IGNORE_INDEX adds nothing) and, with_grad, its gradients for h and weight, `chunk` rows at a time. A chunk's logits come out of the matmul in `dtype`; logsumexp and loss are in fp32. Their gradient,
-    (softmax - onehot) / N, is turned at once into the chunk's rows of grad_h and added to grad_weight (fp32), so it
-    is never stored for more than one chunk. On a GPU with Triton the loss and gradient of a chunk come from a
+    target is IGNORE_INDEX adds nothing) and, with_grad, its gradients for h and weight, `chunk` rows at a time. A
+    chunk's logits come out of the matmul in `dtype`; logsumexp and loss are in fp32. Their gradient, (softmax -
+    onehot) / N, is turned at once into the chunk's rows of grad_h and added to grad_weight (fp32), so it is never
+    stored for more than one chunk. On a GPU with Triton the loss and gradient of a chunk come from a
     kernel that reads its logits from memory once (cross_entropy.py).
 
     With fp8 (and with_grad: evaluation's logits stay in `dtype`), all three are FP8 matmuls (fp32 accumulation,

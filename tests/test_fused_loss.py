@@ -58,7 +58,8 @@ def test_ignore_index_targets_are_ignored_as_by_cross_entropy(chunk):
         torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-6)
     assert torch.all(got[1][IGNORED] == 0)
     with torch.no_grad():
-        torch.testing.assert_close(fused_lm_head_loss(h, weight, targets, chunk).double(), expected[0], atol=1e-6, rtol=1e-6)
+        loss = fused_lm_head_loss(h, weight, targets, chunk)
+    torch.testing.assert_close(loss.double(), expected[0], atol=1e-6, rtol=1e-6)
     all_ignored = torch.full_like(targets, -100)  # no row counts: nan on both paths
     assert fused(h, weight, all_ignored, chunk)[0].isnan() and reference(h, weight, all_ignored)[0].isnan()
 
