@@ -2,6 +2,7 @@
 parameter counts of Hugging Face's GPT-2 of the same shape, a few training steps of each at a tiny width through the
 trainer, and OpenAI's weights of every size through GPT.from_pretrained (a random Hugging Face model stands in for
 the download)."""
+import json
 import os
 import subprocess
 import sys
@@ -117,3 +118,44 @@ def test_from_pretrained_loads_every_size(name, monkeypatch):
     idx = torch.randint(0, GPT2_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+# scripts/bench_sizes.py on the CPU: a 2-layer 124M configuration, one backend.
+BENCH_FLAGS = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--vocab_size=128", "--block_size=32", "--seq_len=8",
+               "--batch_size=4", "--total_batch_size=512", "--device=cpu", "--compile=false"]
+
+
+def test_bench_sizes_measures_one_gpus_share_of_the_8_gpu_run(tmp_path, cpu_named):
+    """The run has one GPU's share of the 8-GPU global batch (512 / 8 = 64 tokens: 2 micro-steps of 4 x 8), its
+    tokens/s is the trainer's over the timed steps, and the full run's estimate is that speed times 8."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_sizes
+    bench_sizes.main(["--sizes", "124m", "--backends", "sdpa", "--steps", "3", "--warmup", "1",
+                      "--results_dir", str(tmp_path), "--", *BENCH_FLAGS])
+    with open(tmp_path / "sizes_gpt2_124m_cpu.json") as f:
+        (row,) = json.load(f)["rows"]
+    assert row["status"] == "ok" and (row["batch_size"], row["accum"]) == (4, 2)
+    timed = read_metrics(tmp_path / "runs" / "cpu" / "sizes_gpt2_124m" / "sdpa")[1:]
+    assert len(timed) == 2 and row["tok_per_s"] == pytest.approx(64 / (np.mean([r["dt_ms"] for r in timed]) / 1e3))
+    assert row["full_run_tokens"] == 19073 * 512  # gpt2_124m's steps, at the flags' global batch
+    hours = 19073 * 512 / (8 * row["tok_per_s"]) / 3600
+    assert row["est_hours_8gpu"] == pytest.approx(hours) and row["est_usd_8gpu"] == pytest.approx(hours * 8 * 3.5)
+    assert "| 124m | sdpa | 4 | 2 |" in (tmp_path / "sizes_gpt2_124m_cpu.md").read_text()
+
+
+@pytest.mark.parametrize("setup, flags, message", [
+    ("earlier", [], "sizes_gpt2_124m_cpu.json exists (an earlier measurement); give --name"),
+    ("", ["--batch_size=5"], "total_batch_size 512 is not a multiple of batch_size*seq_len*processes = 5*8*8"),
+    ("", ["--atention=sdpa"], "unknown key 'atention'; did you mean --attention"),
+])
+def test_bench_sizes_refuses_before_any_run(tmp_path, cpu_named, setup, flags, message):
+    """An earlier measurement in the way, a global batch 8 GPUs cannot share, a typo: one line, exit 1, no run."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_sizes
+    if setup == "earlier":
+        (tmp_path / "sizes_gpt2_124m_cpu.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_sizes.main(["--sizes", "124m", "--results_dir", str(tmp_path), "--", *BENCH_FLAGS, *flags])
+    assert exit_info.value.code.startswith("error: ") and message in exit_info.value.code
+    assert "\n" not in exit_info.value.code and not (tmp_path / "runs").exists()
+    assert setup != "earlier" or (tmp_path / "sizes_gpt2_124m_cpu.json").read_text() == "{}"
