@@ -28,7 +28,7 @@ NEG = tl.constexpr(-3.0e38)  # a finite "minus infinity" for padded lanes: their
 
 
 @triton.jit
-def _cross_entropy_kernel(logits_ptr, targets_ptr, grad_ptr, loss_ptr, V, stride_row, scale, fp8_scale,
+def _cross_entropy_kernel(logits_ptr, targets_ptr, grad_ptr, loss_ptr, V, stride_row, scale, fp8_scale, ignore_index,
                           BLOCK_V: tl.constexpr, FP8: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * stride_row  # passes 2^31 for chunks of more than 42,000 rows
@@ -43,9 +43,11 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, grad_ptr, loss_ptr, V, stride
     m = tl.max(m_i, axis=0)
     lse = m + tl.log(tl.sum(l_i * tl.exp(m_i - m), axis=0))
     target = tl.load(targets_ptr + row)
-    tl.store(loss_ptr + row, lse - tl.load(logits_ptr + base + target).to(tl.float32))
-    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
-    fp8_scale = tl.cast(fp8_scale, tl.float32)
+    keep = target != ignore_index  # an ignored row: loss and gradient 0, its target (-100: no column) never read
+    x_target = tl.load(logits_ptr + base + target, mask=keep, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(keep, lse - x_target, 0.0))
+    scale = tl.where(keep, tl.cast(scale, tl.float32), 0.0)  # Inductor passes Python floats as fp64
+    fp8_scale = tl.where(keep, tl.cast(fp8_scale, tl.float32), 0.0)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(logits_ptr + base + cols, mask=cols < V, other=NEG).to(tl.float32)
@@ -57,10 +59,11 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, grad_ptr, loss_ptr, V, stride
             tl.store(grad_ptr + base + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
-def loss_and_grad(logits, targets, scale, fp8_scale=None, block=BLOCK_V, num_warps=NUM_WARPS):
+def loss_and_grad(logits, targets, scale, fp8_scale=None, ignore_index=-100, block=BLOCK_V, num_warps=NUM_WARPS):
     """For logits (N, V) and targets (N,): each row's loss (fp32, (N,)) and the gradient, (softmax - onehot) * scale
-    in the logits' dtype and layout, or, given fp8_scale, (softmax - onehot) * fp8_scale in float8_e5m2, contiguous.
-    The launch settings are arguments for the benchmark."""
+    in the logits' dtype and layout, or, given fp8_scale, (softmax - onehot) * fp8_scale in float8_e5m2, contiguous;
+    a row whose target is ignore_index (F.cross_entropy's default) gets loss 0 and a zero gradient. The launch
+    settings are arguments for the benchmark."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     n, vocab = logits.shape
@@ -69,7 +72,8 @@ def loss_and_grad(logits, targets, scale, fp8_scale=None, block=BLOCK_V, num_war
     grad = (torch.empty(n, vocab, dtype=torch.float8_e5m2, device=logits.device) if fp8 else
             torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device))
     _cross_entropy_kernel[(n,)](logits, targets, grad, loss, vocab, logits.stride(0), scale, fp8_scale or 0.0,
-                                BLOCK_V=min(block, triton.next_power_of_2(vocab)), FP8=fp8, num_warps=num_warps)
+                                ignore_index, BLOCK_V=min(block, triton.next_power_of_2(vocab)), FP8=fp8,
+                                num_warps=num_warps)
     return loss, grad
 
 

@@ -18,11 +18,14 @@ try:  # the fused loss's cross-entropy kernel on GPUs; without Triton (macOS) th
 except ImportError:
     cross_entropy = None
 
+GPT2_VOCAB = 50257  # GPT-2 BPE: 50,000 merges + 256 byte tokens + <|endoftext|>; ids from here up are no token
+IGNORE_INDEX = -100  # F.cross_entropy's default: a target of this value adds no loss and no gradient, on every path
+
 
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # longest sequence the position embedding covers
-    vocab_size: int = 50257  # GPT-2 BPE: 50,000 merges + 256 byte tokens + <|endoftext|>
+    vocab_size: int = GPT2_VOCAB  # rows of the embedding; above GPT2_VOCAB (e.g. 50304), padding for faster matmuls
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -153,17 +156,18 @@ FP8_GRAD = torch.float8_e5m2
 FP8_GRAD_SCALE = 2.0 ** 15
 
 
-def loss_and_grad(logits, targets, scale=None, fp8_scale=None):
+def loss_and_grad(logits, targets, scale=None, fp8_scale=None, ignore_index=IGNORE_INDEX):
     """Each row's cross-entropy (fp32) and, given a scale, the gradient (softmax - onehot) * scale in the logits' dtype
     or, given fp8_scale, (softmax - onehot) * fp8_scale in float8_e5m2: in torch, what cross_entropy.loss_and_grad
-    computes on GPUs."""
+    computes on GPUs. A row whose target is ignore_index has loss 0 and a zero gradient."""
     x = logits.float()
+    keep = targets != ignore_index
     lse = torch.logsumexp(x, dim=1)
-    loss = lse - x.gather(1, targets[:, None]).squeeze(1)
+    loss = torch.where(keep, lse - x.gather(1, targets.where(keep, 0)[:, None]).squeeze(1), 0.0)
     if scale is None:
         return loss, None
     onehot = torch.arange(x.size(1), device=x.device) == targets[:, None]
-    grad = torch.exp(x - lse[:, None]) - onehot.float()
+    grad = (torch.exp(x - lse[:, None]) - onehot.float()) * keep[:, None]
     return loss, (grad * fp8_scale).to(FP8_GRAD) if fp8_scale is not None else (grad * scale).to(logits.dtype)
 
 
@@ -199,10 +203,11 @@ def _padded_to_16_bytes(w):
 
 
 def _loss_and_grads(h, weight, targets, chunk, dtype, with_grad, fp8=False):
-    """The mean cross-entropy of the logits h @ weightᵀ and, with_grad, its gradients for h and weight, `chunk` rows
-    at a time. A chunk's logits come out of the matmul in `dtype`; logsumexp and loss are in fp32. Their gradient,
-    (softmax - onehot) / N, is turned at once into the chunk's rows of grad_h and added to grad_weight (fp32), so it
-    is never stored for more than one chunk. On a GPU with Triton the loss and gradient of a chunk come from a
+    """The cross-entropy of the logits h @ weightᵀ summed over the rows and divided by their number N (a row whose
+    target is IGNORE_INDEX adds nothing) and, with_grad, its gradients for h and weight, `chunk` rows at a time. A
+    chunk's logits come out of the matmul in `dtype`; logsumexp and loss are in fp32. Their gradient, (softmax -
+    onehot) / N, is turned at once into the chunk's rows of grad_h and added to grad_weight (fp32), so it is never
+    stored for more than one chunk. On a GPU with Triton the loss and gradient of a chunk come from a
     kernel that reads its logits from memory once (cross_entropy.py).
 
     With fp8 (and with_grad: evaluation's logits stay in `dtype`), all three are FP8 matmuls (fp32 accumulation,
@@ -278,10 +283,14 @@ class FusedLMHeadLoss(torch.autograd.Function):
 
 def fused_lm_head_loss(h, weight, targets, chunk, fp8=False):
     """F.cross_entropy(h @ weight.t(), targets) for h (N, C), weight (V, C), targets (N,), computed `chunk` rows at a
-    time; the gradient work is done only when autograd needs it (not under no_grad), with fp8 in FP8 matmuls."""
+    time; the gradient work is done only when autograd needs it (not under no_grad), with fp8 in FP8 matmuls. As
+    there, targets of IGNORE_INDEX add nothing and the mean is over the other rows (all ignored: nan)."""
+    # The op divides by all N rows; the factor N / (rows that count) is applied to its loss, and through autograd to
+    # its gradients, as a scalar: no pass over the gradients, no read of the count by the host.
+    share = targets.numel() / (targets != IGNORE_INDEX).sum()
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return FusedLMHeadLoss.apply(h, weight, targets, chunk, _compute_dtype(h), fp8)
-    return _loss_and_grads(h, weight, targets, chunk, _compute_dtype(h), with_grad=False)[0]
+        return FusedLMHeadLoss.apply(h, weight, targets, chunk, _compute_dtype(h), fp8) * share
+    return _loss_and_grads(h, weight, targets, chunk, _compute_dtype(h), with_grad=False)[0] * share
 
 
 def check_fp8_lm_head(config, rows=None):
@@ -379,7 +388,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True, vocab_size=None):
         """Extend idx (B, T) by max_new_tokens sampled tokens, each from the top_k most likely (None: all) of the ids
-        below vocab_size (None: all; a vocabulary padded for faster matmuls has rows that are no token).
+        below vocab_size (None: GPT2_VOCAB, or the model's vocab_size where that is smaller: the rows of a vocabulary
+        padded for faster matmuls are no token, and tiktoken cannot decode them).
 
         With use_cache the prompt goes through the model once and each later step feeds only the newest token,
         which attends to the cached keys and values (KVCache); without, each step runs the whole sequence again.
@@ -394,7 +404,7 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -block_size:])
             else:
                 logits, _ = self(idx if step == 0 else idx[:, -1:], cache=cache)
-            logits = logits[:, -1, :vocab_size].float() / temperature
+            logits = logits[:, -1, :vocab_size or GPT2_VOCAB].float() / temperature
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

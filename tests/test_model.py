@@ -61,6 +61,24 @@ def test_generate_top1_is_greedy():
     assert torch.equal(out, greedy)
 
 
+def test_generate_never_emits_an_id_of_the_padded_vocabulary():
+    """A vocabulary padded past GPT-2's 50,257 ids (to 50,304, for faster matmuls) has rows that are no token: made
+    here the most likely by far, generate() called without vocab_size still picks among the real ones only."""
+    from model import GPT2_VOCAB
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=1, n_embd=8)).eval()
+    with torch.no_grad():  # every position's final hidden state is all ones: each word's logit is its row's sum
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.lm_head.weight[GPT2_VOCAB:] = 1.0  # logit 8 for the padding, 0 for every real word
+        model.lm_head.weight[:GPT2_VOCAB] = 0.0
+    idx = torch.zeros(2, 1, dtype=torch.long)
+    for top_k in (1, None):
+        out = model.generate(idx, max_new_tokens=8, top_k=top_k, generator=torch.Generator().manual_seed(0))
+        assert out.shape == (2, 9) and out.max() < GPT2_VOCAB, top_k
+    assert model.generate(idx, 8, top_k=1, vocab_size=50304)[:, 1:].min() >= GPT2_VOCAB  # the padding is that likely
+
+
 def test_import_from_huggingface_gives_same_logits():
     import transformers  # optional for users, installed for the tests (requirements-dev.txt)
     torch.manual_seed(0)
