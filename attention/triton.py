@@ -48,7 +48,6 @@ the interpreter (Dynamo never traces into Triton). Eager calls skip the dispatch
 import functools
 import inspect
 import os
-import sys
 
 import torch
 import triton
@@ -72,7 +71,10 @@ try:
 except ImportError:
     TensorDescriptor = None
 TMA_DESCRIPTORS = _VERIFIED and TensorDescriptor is not None
-# The Gluon forward (attention/hopper.py) only with the Triton release it was written and tested against.
+# The warp-specialised Gluon forward (attention/hopper.py) runs only with the Triton release it was written and tested
+# against. It is correct (fp64-checked on the H100) but not yet faster than the portable forward there, so it is not
+# the default: attention_forward(..., gluon=True) and scripts/bench_attention.py's "triton gluon" row run it
+# (KERNEL_NOTES.md, v14).
 GLUON = triton.__version__ == "3.6.0"
 # Grid axes 1 and 2 hold at most 65,535 programs each; batch·head is folded over both (see _grid).
 MAX_GRID_YZ = 65535
@@ -586,13 +588,6 @@ def _use_tma(configs, q, k, v, *others):
 
 
 @functools.lru_cache(maxsize=None)
-def _announce(path):
-    """Says once per process (on rank 0 under torchrun) which kernel a path of the backend runs."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"triton attention {path}", file=sys.stderr, flush=True)
-
-
-@functools.lru_cache(maxsize=None)
 def _gluon_kernels():
     """attention/hopper.py, imported on first use: Gluon is experimental, and only sm_90 with the GLUON version runs it."""
     from attention import hopper
@@ -605,8 +600,8 @@ def _sm90(device):
 
 
 def _use_gluon(q, k, v):
-    """The forward runs attention/hopper.py's warp-specialised Gluon kernel on sm_90 (H100, H200) with the Triton
-    version it was tested with, at head dims 64 and 128 in 16-bit floats, with TMA-aligned inputs."""
+    """Whether attention/hopper.py's warp-specialised Gluon forward can run these inputs: sm_90 (H100, H200) with the
+    Triton version it was tested with, head dims 64 and 128 in 16-bit floats, TMA-aligned."""
     return (GLUON and not _INTERPRET and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] in (64, 128) and _sm90(q.device) and _tma_aligned(q) and k.data_ptr() % 16 == 0
             and v.data_ptr() % 16 == 0)
@@ -659,19 +654,17 @@ def _unit_stride(q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def attention_forward(q, k, v, config=None, tma=None, gluon=None):
+def attention_forward(q, k, v, config=None, tma=None, gluon=False):
     """Returns (o, lse); lse is the base-2 row logsumexp of the scaled scores, fp32, shape (B, H, T). gluon: the
-    warp-specialised Hopper kernel (attention/hopper.py); config, tma: the portable kernel with that config, through
-    TMA descriptors or pointers; None chooses (_use_gluon, _use_tma), tests force either."""
+    warp-specialised Hopper kernel (attention/hopper.py; the caller checks _use_gluon); else the portable kernel with
+    `config` (None: autotuned), through TMA descriptors or pointers (tma; None chooses, _use_tma)."""
     B, H, T, D = q.shape
     q, k, v = _unit_stride(q, k, v)
     o = _bthd(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    if (config is None and tma is None and _use_gluon(q, k, v)) if gluon is None else gluon:
+    if gluon:
         _gluon_kernels().forward(q, k, v, o, lse)
-        _announce("forward: the warp-specialised Gluon kernel for sm_90 (attention/hopper.py)")
         return o, lse
-    _announce("forward: the portable Triton kernel")
     tma = _use_tma(FWD_TMA_CONFIGS, q, k, v) if tma is None else tma
     configs = FWD_TMA_CONFIGS if tma else FWD_CONFIGS
     tensors = (q, k, v, o)
@@ -741,9 +734,8 @@ class _FlashAttention(torch.autograd.Function):
     bottleneck at the GPT-2 shape, eager backward went from 0.383 to 0.280 ms (see KERNEL_NOTES.md)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gluon=None):
-        """gluon: None lets attention_forward choose the forward kernel (as the compiled op always does); False
-        keeps the portable one (scripts/bench_attention.py's "triton tl" row)."""
+    def forward(ctx, q, k, v, gluon=False):
+        """gluon: the Gluon forward (scripts/bench_attention.py's "triton gluon" row); the compiled op never takes it."""
         o, lse = _fwd_op(q, k, v) if torch.compiler.is_compiling() else attention_forward(q, k, v, gluon=gluon)
         ctx.save_for_backward(q, k, v, o, lse)
         return o

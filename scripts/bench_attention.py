@@ -65,8 +65,8 @@ def backends(variants):
             "sdpa default": sdpa.causal_attention}
     rows.update({f"sdpa {b}": forced_sdpa(b) for b in SDPA_BACKENDS})
     rows["triton"] = triton_attention.causal_attention
-    # The same backend with the portable tl forward kernel where it would take the Gluon one (sm_90).
-    rows["triton tl"] = lambda q, k, v: triton_attention._FlashAttention.apply(q, k, v, False)
+    # The same backend with the warp-specialised Gluon forward (sm_90 with Triton 3.6.0; not the default yet).
+    rows["triton gluon"] = lambda q, k, v: triton_attention._FlashAttention.apply(q, k, v, True)
     for name, module in variants.items():
         rows[f"triton {name}"] = module.causal_attention
     return rows
@@ -180,10 +180,10 @@ def survey(module, seq_lens, kernels=tuple(CANDIDATES), tma=None):
     return results
 
 
-PATHS = ("triton", "triton tl", "sdpa default", "sdpa FLASH_ATTENTION")
+PATHS = ("triton", "triton gluon", "sdpa default", "sdpa FLASH_ATTENTION")
 
 
-def paths(seq_lens, fns):
+def path_sweep(seq_lens, fns):
     """Each path of causal attention at each head dim and T (B·T and H·D fixed): GPU time (torch profiler: summed kernel
     durations) of a forward and of an eager forward+backward, that call's wall time (do_bench median: host overhead
     counts where the GPU waits for it), the host's enqueue time of one forward+backward (the GPU left to catch up
@@ -256,8 +256,8 @@ def main():
                         help="also time the causal_attention of another copy of the triton backend (its custom ops "
                              "need their own namespace)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of: " + ", ".join(SHAPES))
-    parser.add_argument("--paths", action="store_true", help="each path (triton with its Hopper forward, triton with "
-                        "the portable forward, cuDNN, FlashAttention-2) per head dim and T: GPU time and eager wall "
+    parser.add_argument("--paths", action="store_true", help="each path (triton, triton with the Gluon forward on "
+                        "sm_90, cuDNN, FlashAttention-2) per head dim and T: GPU time and eager wall "
                         "and host time side by side: <out_dir>/attention_paths_<gpu>.json")
     parser.add_argument("--configs", action="store_true", help="survey every candidate config of every triton kernel "
                         "(and of each variant) per head dim and T instead")
@@ -296,10 +296,11 @@ def main():
         return
     fns = backends(variants)
     if args.paths:
-        names = [*PATHS, *(f"triton {n}" for n in variants)]
+        gluon = triton_attention.GLUON and torch.cuda.get_device_capability() == (9, 0)
+        names = [n for n in (*PATHS, *(f"triton {n}" for n in variants)) if gluon or n != "triton gluon"]
         record = {**env, "timing": "bf16, strided q/k/v views, B·T = 16384, H·D = 768; GPU: torch profiler, summed "
                   "kernel durations; wall: do_bench median (L2 flushed); host: enqueue time of one eager fwd+bwd; "
-                  "ratios: sdpa default's (cuDNN) time over the path's", "results": paths(
+                  "ratios: sdpa default's (cuDNN) time over the path's", "results": path_sweep(
                       [int(t) for t in args.seq_lens.split(",")], {n: fns[n] for n in names})}
         out = args.out or os.path.join(args.out_dir, f"attention_paths_{gpu_slug(gpu)}.json")
         os.makedirs(os.path.dirname(out), exist_ok=True)

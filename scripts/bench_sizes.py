@@ -49,8 +49,12 @@ def plan_run(size, backend, steps, warmup, data_dir, overrides):
     config = f"gpt2_{size}_short"
     full = load_config(["--config", f"gpt2_{size}", *overrides])
     grad_accum_steps(full, GPUS)
+    short = load_config(["--config", config, *overrides])
+    # The schedule's warm-up is clipped to the run's steps (the trainer refuses a longer one); speed does not depend
+    # on the learning rate.
     flags = [*overrides, "--total_batch_size", str(full.total_batch_size // GPUS), "--max_steps", str(steps),
-             "--timing_warmup", str(warmup), "--eval_interval", "0", "--checkpoint_interval", "0", "--data_dir", data_dir]
+             "--warmup_steps", str(min(short.warmup_steps, steps)), "--timing_warmup", str(warmup),
+             "--eval_interval", "0", "--checkpoint_interval", "0", "--data_dir", data_dir]
     cfg = load_config(["--config", config, "--attention", backend, *flags])
     return dict(backend=backend, config=config, flags=flags, cfg=cfg, accum=grad_accum_steps(cfg, 1), full=full)
 

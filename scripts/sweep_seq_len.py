@@ -31,8 +31,8 @@ from training.metrics import environment, write_report  # noqa: E402
 TOKENS, WIDTH = 16384, 768
 SEQ_LENS = [512, 1024, 2048, 4096, 8192, 16384]
 # naive (eager) only at D=64: it shows the T×T memory growth once; the flash kernels are the comparison.
-BACKENDS = {64: ["naive", "sdpa default", "sdpa FLASH_ATTENTION", "triton", "triton tl"],
-            128: ["sdpa default", "sdpa FLASH_ATTENTION", "triton", "triton tl"]}
+BACKENDS = {64: ["naive", "sdpa default", "sdpa FLASH_ATTENTION", "triton"],
+            128: ["sdpa default", "sdpa FLASH_ATTENTION", "triton"]}
 
 
 def group(D):

@@ -70,8 +70,8 @@ def test_tiny_width_version_of_each_size_trains(name, pattern_dir, tmp_path):
     cfg = load_config(["--config", f"{name}_short"])
     out_dir = tmp_path / "run"
     flags = [f"--n_embd={4 * n_head}", "--vocab_size=128", "--block_size=32", "--seq_len=8",
-             f"--total_batch_size={2 * cfg.batch_size * 8}", "--max_steps=3", "--timing_warmup=1", "--eval_interval=0",
-             "--device=cpu", "--compile=false", f"--data_dir={pattern_dir}", f"--out_dir={out_dir}"]
+             f"--total_batch_size={2 * cfg.batch_size * 8}", "--max_steps=3", "--warmup_steps=1", "--timing_warmup=1",
+             "--eval_interval=0", "--device=cpu", "--compile=false", f"--data_dir={pattern_dir}", f"--out_dir={out_dir}"]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), "--config", f"{name}_short", *flags],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
