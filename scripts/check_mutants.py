@@ -90,7 +90,7 @@ def copy_tree(dest):
 
 def pytest(copy, tests):
     """pytest's exit status on `tests` in the copy: 0 passed, 1 a test failed, other: it could not run them."""
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=copy,
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *tests], cwd=copy,
                           capture_output=True, text=True).returncode
 
 
