@@ -30,7 +30,8 @@ passes 2^31 at long T); the grid folds B·H over two axes, so any batch·head co
 Hopper: on sm_90+ the forward at D = 128 reads q, k, v and writes O, and the backward at D = 64 and 128 from T = 1024
 reads q, k, v and dO, through host-side TMA tensor descriptors (4-D, over the (B, H, T, D) views; rows past T load
 as zeros and are not stored), the same kernels with TMA=True; elsewhere, and always under the interpreter unless a
-test asks, through pointers (_use_tma and _bwd_uses_tma say why).
+test asks, through pointers (_use_tma and _bwd_uses_tma say why). attention/hopper.py holds a warp-specialised forward
+for sm_90 in Gluon with the same outputs; it is not yet faster, so it runs only when asked (attention_forward's gluon).
 
 Launches: Triton's generic launch path costs more host time than these kernels take on the GPU at the GPT-2 shape,
 so after the first (autotuning) call the compiled kernels are launched directly, on the Triton version where that
