@@ -208,12 +208,11 @@ def forward(q, k, v, o, lse):
     args = (*descs, lse, H, T, B * H)
     grid = base._grid(T, block_n, B * H)
     key = (_attn_fwd_ws, q.device, D, *map(base._specialization, args))
-    direct = base._COMPILED.get(key)
-    if direct is not None:
-        direct(grid, q.device, args)
+    entry = base._COMPILED.get(key)
+    if entry is not None:
+        entry[0](grid, q.device, args)
         return
     constexprs = dict(QK_SCALE=D**-0.5 * LOG2E, HEAD_DIM=D, STAGES=FWD_CONFIGS[D], CONSUMERS=CONSUMERS,
                       WG_ROWS=WG_ROWS)
     compiled = _attn_fwd_ws[grid](*base._made(args), **constexprs, num_warps=4)
-    if base.DIRECT_LAUNCH:
-        base._COMPILED[key] = base._Direct(compiled, [constexprs[n] for n in _attn_fwd_ws.arg_names[len(args):]])
+    base._keep(key, _attn_fwd_ws, compiled, constexprs, block_n, len(args))

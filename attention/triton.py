@@ -482,10 +482,14 @@ def _launch(kernel, configs, config, block, B, H, T, args, dtype, D, device, **c
         return
     tuned = _tuned(kernel, tuple(configs_for(configs, D)))
     compiled = tuned[lambda c: _grid(T, c[block], BH)](*_made(args), **meta)
-    if DIRECT_LAUNCH:  # the autotuner has picked and compiled the kernel: later calls launch it directly
-        constexprs = {**meta, **tuned.best_config.kwargs}
-        _COMPILED[key] = (_Direct(compiled, [constexprs[name] for name in kernel.arg_names[len(args):]]),
-                          tuned.best_config.kwargs[block])
+    # The autotuner has picked and compiled the kernel: later calls launch it directly.
+    _keep(key, kernel, compiled, {**meta, **tuned.best_config.kwargs}, tuned.best_config.kwargs[block], len(args))
+
+
+def _keep(key, kernel, compiled, constexprs, rows, n_args):
+    """Once Triton's own launch has compiled `kernel`, later calls under `key` (see _launch) launch it directly."""
+    if DIRECT_LAUNCH:
+        _COMPILED[key] = (_Direct(compiled, [constexprs[name] for name in kernel.arg_names[n_args:]]), rows)
 
 
 class _Direct:

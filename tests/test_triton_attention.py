@@ -537,6 +537,10 @@ def test_gpu_gluon_forward(dtype, D, T):
                                rtol=0)  # base 2, as the backward reads it
     o_tl, _ = ta.attention_forward(q, k, v, gluon=False)
     assert rel_err(o, ro) <= 1.1 * rel_err(o_tl, ro) + 1e-5
+    # The second call takes the direct launch (_Direct, the kept descriptors): the same bits.
+    o2, lse2 = ta._bthd(q).fill_(float("nan")), torch.full((B, H, T), float("nan"), device="cuda")
+    ta._gluon_kernels().forward(q, k, v, o2, lse2)
+    assert torch.equal(o2, o) and torch.equal(lse2, lse)
 
 
 @sm90_only
