@@ -120,7 +120,7 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
                              ckpt["state"].get("wandb_id") if ckpt else None)
         print("config:", " ".join(f"{k}={v}" for k, v in settings.items()))
         print(f"device {device} ({env['gpu'] or platform.processor() or 'cpu'}), {world} process(es), "
-              f"attention backend: {cfg.model.attention}, {model.raw.num_params():,} parameters, "
+              f"attention backend: {attention_kernels(cfg, device)}, {model.raw.num_params():,} parameters, "
               f"{tokens_per_step:,} tokens per step ({accum} micro-step(s) of {cfg.batch_size}x{cfg.seq_len} per process)")
         if resume_path:
             print(f"resumed from {resume_path} at step {start_step}")
@@ -403,6 +403,15 @@ def resolve_device(name, local_rank):
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device mps requested but MPS is not available; use --device cpu")
     return torch.device(name)
+
+
+def attention_kernels(cfg, device):
+    """The attention backend, with the kernels the triton backend picked for this machine and shape (bf16: the
+    training step's precision on a GPU)."""
+    if cfg.model.attention != "triton":
+        return cfg.model.attention
+    from attention.triton import kernels
+    return f"triton ({kernels(device, cfg.model.n_embd // cfg.model.n_head, cfg.seq_len)})"
 
 
 def check_machine(cfg, device, rank):

@@ -77,6 +77,9 @@ TMA_DESCRIPTORS = _VERIFIED and TensorDescriptor is not None
 # the default: attention_forward(..., gluon=True) and scripts/bench_attention.py's "triton gluon" row run it
 # (KERNEL_NOTES.md, v14).
 GLUON = triton.__version__ == "3.6.0"
+# Per head dim, the T from which the forward takes the Gluon kernel: below it the tl kernel was faster on the H100
+# (results/attention_paths_h100.json).
+GLUON_MIN_T = {64: 2048, 128: 0}
 # Grid axes 1 and 2 hold at most 65,535 programs each; batch·head is folded over both (see _grid).
 MAX_GRID_YZ = 65535
 HEAD_DIMS = (16, 32, 64, 128)
@@ -604,12 +607,29 @@ def _sm90(device):
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
+def _gluon_runs(device, head_dim, dtype):
+    """Whether attention/hopper.py's warp-specialised Gluon forward runs on this device, head dim and dtype: sm_90
+    (H100, H200) with the Triton version it was tested with, head dims 64 and 128 in 16-bit floats."""
+    return (GLUON and not _INTERPRET and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and head_dim in GLUON_MIN_T and _sm90(device))
+
+
 def _use_gluon(q, k, v):
-    """Whether attention/hopper.py's warp-specialised Gluon forward can run these inputs: sm_90 (H100, H200) with the
-    Triton version it was tested with, head dims 64 and 128 in 16-bit floats, TMA-aligned."""
-    return (GLUON and not _INTERPRET and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] in (64, 128) and _sm90(q.device) and _tma_aligned(q) and k.data_ptr() % 16 == 0
+    """Whether the Gluon forward can run these inputs: _gluon_runs, and TMA-aligned."""
+    return (_gluon_runs(q.device, q.shape[-1], q.dtype) and _tma_aligned(q) and k.data_ptr() % 16 == 0
             and v.data_ptr() % 16 == 0)
+
+
+def _prefers_gluon(q, k, v):
+    """The forward's default: the Gluon kernel where it runs and is the faster one (GLUON_MIN_T), else the tl kernel."""
+    return q.shape[2] >= GLUON_MIN_T.get(q.shape[-1], 0) and _use_gluon(q, k, v)
+
+
+def kernels(device, head_dim, seq_len, dtype=torch.bfloat16):
+    """Which kernels run a (head_dim, seq_len) causal attention on `device`, in words, for the trainer's log."""
+    if seq_len >= GLUON_MIN_T.get(head_dim, 0) and _gluon_runs(device, head_dim, dtype):
+        return "Gluon warp-specialised forward (attention/hopper.py), tl backward"
+    return "tl forward and backward" + (" (Triton's CPU interpreter)" if _INTERPRET else "")
 
 
 def _bwd_uses_tma(q, k, v, do):
@@ -659,14 +679,17 @@ def _unit_stride(q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def attention_forward(q, k, v, config=None, tma=None, gluon=False):
-    """Returns (o, lse); lse is the base-2 row logsumexp of the scaled scores, fp32, shape (B, H, T). gluon: the
-    warp-specialised Hopper kernel (attention/hopper.py; the caller checks _use_gluon); else the portable kernel with
-    `config` (None: autotuned), through TMA descriptors or pointers (tma; None chooses, _use_tma)."""
+def attention_forward(q, k, v, config=None, tma=None, gluon=None):
+    """Returns (o, lse); lse is the base-2 row logsumexp of the scaled scores, fp32, shape (B, H, T). gluon: True
+    runs the warp-specialised Hopper kernel (attention/hopper.py; the caller checks _use_gluon), False the portable
+    kernel with `config` (None: autotuned), through TMA descriptors or pointers (tma; None chooses, _use_tma); None
+    chooses (_prefers_gluon), unless a config or tma asks for the portable kernel."""
     B, H, T, D = q.shape
     q, k, v = _unit_stride(q, k, v)
     o = _bthd(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    if gluon is None:
+        gluon = config is None and tma is None and _prefers_gluon(q, k, v)
     if gluon:
         _gluon_kernels().forward(q, k, v, o, lse)
         return o, lse
@@ -739,8 +762,9 @@ class _FlashAttention(torch.autograd.Function):
     bottleneck at the GPT-2 shape, eager backward went from 0.383 to 0.280 ms (see KERNEL_NOTES.md)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gluon=False):
-        """gluon: the Gluon forward (scripts/bench_attention.py's "triton gluon" row); the compiled op never takes it."""
+    def forward(ctx, q, k, v, gluon=None):
+        """gluon: force the Gluon forward (True) or the tl one (False), for scripts/bench_attention.py's rows; the
+        compiled op always chooses."""
         o, lse = _fwd_op(q, k, v) if torch.compiler.is_compiling() else attention_forward(q, k, v, gluon=gluon)
         ctx.save_for_backward(q, k, v, o, lse)
         return o

@@ -65,7 +65,9 @@ def backends(variants):
             "sdpa default": sdpa.causal_attention}
     rows.update({f"sdpa {b}": forced_sdpa(b) for b in SDPA_BACKENDS})
     rows["triton"] = triton_attention.causal_attention
-    # The same backend with the warp-specialised Gluon forward (sm_90 with Triton 3.6.0; not the default yet).
+    # The backend with each forward forced: the portable tl kernel, and the warp-specialised Gluon kernel (sm_90 with
+    # Triton 3.6.0), which the default takes from GLUON_MIN_T on.
+    rows["triton tl"] = lambda q, k, v: triton_attention._FlashAttention.apply(q, k, v, False)
     rows["triton gluon"] = lambda q, k, v: triton_attention._FlashAttention.apply(q, k, v, True)
     for name, module in variants.items():
         rows[f"triton {name}"] = module.causal_attention
@@ -180,7 +182,7 @@ def survey(module, seq_lens, kernels=tuple(CANDIDATES), tma=None):
     return results
 
 
-PATHS = ("triton", "triton gluon", "sdpa default", "sdpa FLASH_ATTENTION")
+PATHS = ("triton", "triton tl", "triton gluon", "sdpa default", "sdpa FLASH_ATTENTION")
 
 
 def path_sweep(seq_lens, fns):

@@ -176,6 +176,38 @@ def bench_block(headline=False):
     return "\n".join(out)
 
 
+def paths_block(headline=False):
+    """scripts/bench_attention.py --paths per GPU: with headline, the triton backend's default path against cuDNN
+    (sdpa's default) as ratios, cuDNN's time over ours (> 1: ours is faster), per head dim and T; else every path's
+    times."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", "attention_paths_*.json")))[:1 if headline else None]:
+        report = load(path)
+        out += [f"**{report['gpu']}** (`results/{os.path.basename(path)}`), causal, bf16, B·T = 16,384, H·D = 768, "
+                "the model's strided q/k/v views. " + (
+                    "cuDNN's time over the triton backend's (above 1: ours is faster) in GPU time (the kernels' "
+                    "summed durations) and, for an eager call, wall time:" if headline else
+                    "Milliseconds per call: forward GPU time / forward+backward GPU time / eager forward+backward "
+                    "wall time / host time to enqueue it:"), ""]
+        for group, by_t in report["results"].items():
+            names = [n for n in next(iter(by_t.values())) if n != "ratios"]
+            if headline:
+                out += [f"| {group}, T | " + " | ".join(by_t) + " |", "|---" * (len(by_t) + 1) + "|"]
+                for key, label in (("fwd_gpu_ms", "forward, GPU"), ("fwd_bwd_gpu_ms", "forward+backward, GPU"),
+                                   ("fwd_bwd_ms", "forward+backward, eager wall")):
+                    out.append(f"| {label} | " + " | ".join(f"{rows['ratios']['triton'][key]:.2f}"
+                                                           for rows in by_t.values()) + " |")
+            else:
+                out += [f"| {group}, T | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+                for T, rows in by_t.items():
+                    out.append(f"| {T} | " + " | ".join(
+                        "{fwd_gpu_ms:.3f} / {fwd_bwd_gpu_ms:.3f} / {fwd_bwd_ms:.3f} / {fwd_bwd_host_ms:.3f}".format(
+                            **rows[n]) for n in names) + " |")
+            out.append("")
+        out.append(f"<sub>{provenance(report)}</sub>")
+    return "\n".join(out)
+
+
 def sweep_block():
     out = []
     for path in sorted(glob.glob(os.path.join(ROOT, "results", "attention_sweep_*.json"))):
@@ -290,11 +322,13 @@ def settings_block():
 # kernel section is attention_bench, the sequence-length sweep seq_len_sweep.
 BLOCKS = {
     "README.md": [("step49_headline", step49_headline_block), ("full_vs_llmc", full_vs_llmc_block),
-                  ("attention_bench", lambda: bench_block(headline=True))],
+                  ("attention_bench", lambda: bench_block(headline=True)),
+                  ("attention_paths", lambda: paths_block(headline=True))],
     os.path.join("results", "README.md"): [
         ("step49", step49_block), ("full_training", full_training_block), ("validation", validation_block),
         ("profile", profile_block), ("settings", settings_block), ("scaling", scaling_block),
-        ("long_context", long_context_block), ("attention_bench", bench_block), ("seq_len_sweep", sweep_block),
+        ("long_context", long_context_block), ("attention_bench", bench_block),
+        ("attention_paths", paths_block), ("seq_len_sweep", sweep_block),
         ("sample_speed", sample_speed_block)],
 }
 

@@ -5,6 +5,7 @@ checked on the GPU (tests/test_triton_attention.py, the gpu_only tests), against
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,3 +44,38 @@ def test_selection_on_cpu():
     # Never on the CPU or under the interpreter: those take the portable tl kernel.
     q = k = v = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
     assert not ta._use_gluon(q, k, v)
+    assert ta.kernels(torch.device("cpu"), 64, 2048).startswith("tl forward")
+
+
+@pytest.mark.parametrize("D, T, dtype, gluon", [
+    (64, 1024, torch.bfloat16, False),   # the GPT-2 shape: the tl forward was faster there
+    (64, 2047, torch.bfloat16, False),
+    (64, 2048, torch.bfloat16, True),    # from GLUON_MIN_T[64] on
+    (128, 1, torch.bfloat16, True),      # D = 128: always
+    (128, 4096, torch.float16, True),
+    (128, 4096, torch.float32, False),   # 16-bit inputs only
+    (32, 4096, torch.bfloat16, False),   # head dims 64 and 128 only
+])
+def test_forward_choice_on_sm90(monkeypatch, D, T, dtype, gluon):
+    """The default forward's choice on an H100 (sm_90, Triton 3.6.0), simulated on the CPU: the Gluon kernel where it
+    runs and was measured faster (GLUON_MIN_T), the tl kernel elsewhere; what the trainer logs says the same."""
+    monkeypatch.setattr(ta, "_INTERPRET", False)
+    monkeypatch.setattr(ta, "GLUON", True)
+    monkeypatch.setattr(ta, "_sm90", lambda device: True)
+    device = torch.device("cuda", 0)
+    assert ta.kernels(device, D, T, dtype).startswith("Gluon") == gluon
+
+    x = torch.empty(1, 2, T, D, dtype=dtype)  # the predicates read metadata only: a CPU tensor's, said to be on CUDA
+    q = SimpleNamespace(shape=x.shape, dtype=dtype, device=device, is_cuda=True, data_ptr=lambda: 0,
+                        stride=x.stride, element_size=x.element_size)
+    assert ta._prefers_gluon(q, q, q) == gluon
+
+
+def test_forward_choice_off_sm90(monkeypatch):
+    # Other GPUs and other Triton versions take the tl kernel.
+    monkeypatch.setattr(ta, "_INTERPRET", False)
+    monkeypatch.setattr(ta, "_sm90", lambda device: False)
+    assert ta.kernels(torch.device("cuda", 0), 128, 4096).startswith("tl forward")
+    monkeypatch.setattr(ta, "_sm90", lambda device: True)
+    monkeypatch.setattr(ta, "GLUON", False)
+    assert ta.kernels(torch.device("cuda", 0), 128, 4096).startswith("tl forward")

@@ -256,3 +256,14 @@ def test_every_evaluation_runs_in_eval_mode_on_whichever_copy_runs_it(data_dir, 
                        NO_STOP)
     assert modes == [False, False] and set(results) == {"val_loss"}
     assert model.raw.training and model.bf16.model.training
+
+
+def test_triton_run_logs_the_kernels_it_picked(data_dir, tmp_path):
+    """The triton backend's choice of kernels (attention.triton.kernels) is logged once, on the run's first lines:
+    here Triton's CPU interpreter, where the tl kernels run (tests/test_hopper_kernel.py checks the choice on sm_90)."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU interpreter's line")
+    run = train(f"--data_dir={data_dir}", "--attention=triton", "--max_steps=1", f"--out_dir={tmp_path}",
+                env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("attention backend: triton (tl forward and backward (Triton's CPU interpreter))") == 1
