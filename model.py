@@ -26,9 +26,9 @@ IGNORE_INDEX = -100  # F.cross_entropy's default: a target of this value adds no
 class GPTConfig:
     block_size: int = 1024  # longest sequence the position embedding covers
     vocab_size: int = GPT2_VOCAB  # rows of the embedding; above GPT2_VOCAB (e.g. 50304), padding for faster matmuls
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block; the head dim is n_embd / n_head (triton: 16, 32, 64 or 128)
+    n_embd: int = 768  # C: the width of the embeddings and the residual stream; a multiple of n_head
     attention: str = "sdpa"  # naive | sdpa | triton
     loss_chunk: int = 0  # rows per chunk of the fused LM head + cross-entropy (fused_lm_head_loss); 0: plain logits
     recompute_gelu: bool = False  # keep only the MLP's input to GELU for backward and recompute GELU there (less memory)

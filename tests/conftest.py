@@ -1,5 +1,5 @@
-"""Shared test set-up: Triton's interpreter on a CPU, and the pieces several test files use: synthetic token
-shards, a tiny model, and a runner for the real entry point."""
+"""Shared test set-up: Triton's interpreter on a CPU, the skip of GPU tests (the gpu mark) without a GPU, and the
+pieces several test files use: synthetic token shards, a tiny model, and a runner for the real entry point."""
 import json
 import os
 import subprocess
@@ -20,6 +20,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data.shards import write_shard  # noqa: E402
+
+NO_GPU = "needs a CUDA GPU; on one, `python -m pytest -m gpu -n 0` runs the GPU tests alone (README, Tests)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test marked gpu needs a CUDA GPU: skipped here, in one place, so that each GPU test carries only the mark and
+    `-m gpu` / `-m "not gpu"` split the suite along the same line as the skips."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason=NO_GPU))
+
 
 # A GPT that trains in milliseconds on a CPU, and the flags that select it (with the tiny config) for train_gpt2.py.
 MODEL = dict(vocab_size=128, n_layer=2, n_head=2, n_embd=32, block_size=32)

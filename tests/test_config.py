@@ -130,9 +130,9 @@ def test_help_groups_the_keys_and_shows_a_configs_values():
     assert section["seed"] == "optimisation" and section["out_dir"] == "checkpoints"
     from model import GPTConfig
     assert set(section) == {f.name for cls in (TrainConfig, GPTConfig) for f in dataclasses.fields(cls)} - {"model"}
-    for f in dataclasses.fields(TrainConfig):  # each training key has its description (model.py's: its own comments)
-        if f.name != "model":
-            assert re.search(rf"--{f.name} \S+ \(default .*\)\s+\S", text), f.name
+    for f in (*dataclasses.fields(TrainConfig), *dataclasses.fields(GPTConfig)):  # each key has its description
+        if f.name != "model":  # on the key's own line: [ ]+, where \s+ would reach the next line's --key
+            assert re.search(rf"--{f.name} \S+ \(default .*\) +\S", text), f.name
     shown = help_text(["--config", "step49", "--max_steps", "7", "--help"])
     assert "Each key's value in this run (= ...): --config step49 --max_steps 7" in shown
     assert "--max_steps INT = 7 (default 50)" in shown and "--n_layer INT = 12 (default 12)" in shown

@@ -8,8 +8,6 @@ from data import tinyshakespeare
 from data.loader import ShardLoader
 from data.shards import HEADER_INTS, MAGIC, read_header, read_shard, write_shard
 
-CUDA = torch.cuda.is_available()
-
 
 def make_shard(tmp_path, n, name="x_train_000000.bin"):
     tokens = np.arange(n, dtype=np.uint16)  # token i is i: positions are readable in the batches
@@ -123,7 +121,7 @@ def test_any_split_into_processes_and_micro_steps_reads_the_same_rows(tmp_path):
     assert rows(1, 1) == rows(2, 1) == rows(1, 2) == rows(2, 4) == rows(8, 1)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_loader_yields_the_documented_stream_on_a_device(tmp_path, device):
     """Batches, moved to the device (pinned and non-blocking on CUDA), against an independent transcription of the
     loader's rule: ranks' windows at pos + r·B·T, pos advancing by world·B·T, back to 0 between optimizer steps when

@@ -397,7 +397,7 @@ def test_compiled_gpt_with_the_kernel_gives_the_eager_torch_path_losses_and_grad
         torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 logits: needs a CUDA GPU (the interpreter is fp32 only)")
+@pytest.mark.gpu  # bf16 logits: the interpreter computes in fp32 only
 def test_kernel_in_bf16_equals_cross_entropy_in_fp64():
     """The trainer's case: bf16 logits of GPT-2's padded vocab, rounded once: the loss in fp32, the gradient to one
     bf16 rounding."""

@@ -18,7 +18,7 @@ from conftest import attention_fp64, qkv_views
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+gpu_only = pytest.mark.gpu  # tests/conftest.py skips it without a CUDA GPU; `pytest -m gpu` selects these tests
 
 # ‖x − ref‖ / ‖ref‖ and max |x − ref| / max(1, max |ref|) bounds. fp32: exact fp32 arithmetic (ieee dots on the
 # GPU); fp16/bf16: the inputs are exact, the error is the rounding of P/dS operands and of the stored outputs.
@@ -361,8 +361,9 @@ def rel_err(x, ref):
 
 
 @gpu_only
+# T = 1 at both head dims: on Hopper the forward takes pointers at D = 64 and TMA descriptors at D = 128.
 @pytest.mark.parametrize("B,H,T,D", [(16, 12, 1024, 64), (2, 4, 1000, 64), (2, 4, 4097, 64), (4, 6, 1024, 128),
-                                     (1, 2, 16384, 64), (3, 2, 1, 64)])
+                                     (1, 2, 16384, 64), (3, 2, 1, 64), (3, 2, 1, 128)])
 def test_gpu_bf16(B, H, T, D):
     dtype = torch.bfloat16
     qkv, (q, k, v), do = make_inputs(B, H, T, D, dtype, seed=T)
@@ -387,8 +388,8 @@ def test_gpu_bf16(B, H, T, D):
 
 
 @gpu_only
-@pytest.mark.parametrize("dtype", (torch.float16, torch.float32), ids=str)
-@pytest.mark.parametrize("D", (16, 32))
+# Each head dim and dtype once, not all four pairs: D = 16 and 32 take the same configs and code, the dtypes differ.
+@pytest.mark.parametrize("D,dtype", [(16, torch.float16), (32, torch.float32)], ids=str)
 def test_gpu_other_dtypes_and_dims(D, dtype):
     check_kernels(2, 3, 517, D, dtype, seed=D)
 
@@ -514,14 +515,19 @@ def test_gpu_compile_fullgraph_bf16():
 
 
 # --- the Gluon forward (attention/hopper.py, sm_90) ----------------------------------------------------------------
-sm90_only = pytest.mark.skipif(not (CUDA and ta.GLUON and torch.cuda.get_device_capability() == (9, 0)),
-                               reason="the Gluon forward runs on sm_90 (H100, H200) with Triton 3.6.0")
+def sm90_only(test):
+    """A GPU test (gpu_only) that also needs sm_90 and the Triton release the Gluon forward was written for."""
+    return gpu_only(pytest.mark.skipif(not (CUDA and ta.GLUON and torch.cuda.get_device_capability() == (9, 0)),
+                                       reason="the Gluon forward runs on sm_90 (H100, H200) with Triton 3.6.0")(test))
 
 
 @sm90_only
-@pytest.mark.parametrize("T", (1, 17, 64, 65, 127, 128, 129, 1000, 4097))
+# T against the 128-row tile of two 64-row warpgroups: 1 (Triton specialises T = 1), 17 (the first warpgroup's rows
+# partly filled), 64 (the second's empty), 65 (the second's partly filled), 128 (one full tile), 129 (a second tile of
+# one row), 1000 and 4097 (the K/V ring wraps). fp16 changes the tiles' element type, not how T is tiled: one T.
+@pytest.mark.parametrize("dtype,T", [(torch.bfloat16, T) for T in (1, 17, 64, 65, 128, 129, 1000, 4097)]
+                         + [(torch.float16, 1000)], ids=str)
 @pytest.mark.parametrize("D", (64, 128))
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 def test_gpu_gluon_forward(dtype, D, T):
     # Every output element written (poisoned first), O and lse against fp64, and no worse than the tl kernel's O.
     B, H = 2, 3
