@@ -550,6 +550,26 @@ def test_gpu_gluon_forward(dtype, D, T):
 
 
 @sm90_only
+@pytest.mark.parametrize("B,H,T,D", [(8, 16, 1024, 64), (4, 6, 2000, 128)])
+def test_gpu_gluon_forward_many_items_per_program(B, H, T, D):
+    """The persistent forward: more (query tile, batch·head) items than SMs, so each program runs several (8 at the
+    first shape on an H100), its K/V ring and turn phases carried from one item to the next. O and lse against fp64,
+    every element written, and the default forward takes this kernel there."""
+    _, (q, k, v), _ = make_inputs(B, H, T, D, torch.bfloat16, seed=B * T + D)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    assert triton.cdiv(T, 128) * B * H >= 3 * torch.cuda.get_device_properties(0).multi_processor_count
+    o, lse = ta._bthd(q).fill_(float("nan")), torch.full((B, H, T), float("nan"), device="cuda")
+    ta._gluon_kernels().forward(q, k, v, o, lse)
+    ro = attention_fp64(q, k, v)
+    assert_close("out", o, ro, torch.bfloat16)
+    o_tl, lse_tl = ta.attention_forward(q, k, v, gluon=False)
+    assert rel_err(o, ro) <= 1.1 * rel_err(o_tl, ro) + 1e-5
+    torch.testing.assert_close(lse, lse_tl, atol=1e-4, rtol=0)
+    o_default, _ = ta.attention_forward(q, k, v)  # the backend's own choice: this kernel (GLUON_MIN_T)
+    assert ta._prefers_gluon(q, k, v) and torch.equal(o_default, o)
+
+
+@sm90_only
 def test_gpu_takes_gluon_on_sm90():
     for D, dtype, gluon in ((64, torch.bfloat16, True), (128, torch.float16, True), (32, torch.bfloat16, False),
                             (128, torch.float32, False)):
