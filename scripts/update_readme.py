@@ -158,14 +158,13 @@ def cell(r, kind):
     return f"{r[kind + '_ms']:.3f} ({r[kind + '_tflops']:.0f})"
 
 
-def bench_block(headline=False):
-    """scripts/bench_attention.py's tables per GPU, every shape; with headline, the first GPU's (the H100's where
-    there is one) at the first shape (GPT-2's) only."""
+def bench_block():
+    """scripts/bench_attention.py's tables per GPU, every shape."""
     out = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "results", "attention_bench_*.json")))[:1 if headline else None]:
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", "attention_bench_*.json"))):
         report = load(path)
         out += [f"**{report['gpu']}** (`results/{os.path.basename(path)}`): median ms (TFLOP/s)", ""]
-        for shape, res in list(report["results"].items())[:1 if headline else None]:
+        for shape, res in report["results"].items():
             out += [f"{shape}, bf16, causal:", "",
                     "| backend | forward | backward | forward+backward | peak memory (MiB) |", "|---|---|---|---|---|"]
             for name, r in res["rows"].items():
@@ -319,10 +318,9 @@ def settings_block():
 
 
 # file -> its blocks: (marker name, the function that writes the block). The names are stable: the README's
-# kernel section is attention_bench, the sequence-length sweep seq_len_sweep.
+# kernel section is attention_paths, the sequence-length sweep seq_len_sweep.
 BLOCKS = {
     "README.md": [("step49_headline", step49_headline_block), ("full_vs_llmc", full_vs_llmc_block),
-                  ("attention_bench", lambda: bench_block(headline=True)),
                   ("attention_paths", lambda: paths_block(headline=True))],
     os.path.join("results", "README.md"): [
         ("step49", step49_block), ("full_training", full_training_block), ("validation", validation_block),
