@@ -30,7 +30,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
-    warpgroup_mma_init, warpgroup_mma_wait
+    warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attention import triton as base
@@ -46,55 +46,36 @@ FWD_CONFIGS = {64: 3, 128: 2}
 
 
 @gluon.jit
-def _work_item(w, H, BH, n_m, BLOCK_N: gl.constexpr):
-    """Work item w of the persistent schedule: query tile and batch·head, the heaviest tiles (most key tiles, the
-    last along T) first."""
-    tile = n_m - 1 - w // BH
-    bh = w % BH
-    return tile, bh, bh // H, bh % H, tile * BLOCK_N
+def _fwd_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                  off_b, off_h, start_m, n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  CONSUMERS: gl.constexpr, WG_ROWS: gl.constexpr):
+    """TMA loads: each consumer's Q rows once, then K_j and V_j for j = diagonal, diagonal-1, ..., 0 into slot
+    j % STAGES of the K ring and of the V ring."""
+    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+    for c in gl.static_range(CONSUMERS):
+        tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m + c * WG_ROWS, 0], q_bar, q_smem.index(c))
+    for i in range(n_tiles):
+        s = i % STAGES
+        # A slot is free once every consumer released its previous use: K_j once S_j is computed, V_j once P_j V_j
+        # is, so K_{j+STAGES} loads while P_j V_j is still on the tensor cores. The first pass waits on the phase
+        # before the barrier's first, which counts as complete.
+        free = ((i // STAGES) & 1) ^ 1
+        start_n = start_m - i * BLOCK_N
+        mbarrier.wait(k_empty.index(s), free)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [off_b, off_h, start_n, 0], k_ready.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), free)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [off_b, off_h, start_n, 0], v_ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
-def _fwd_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                  v_empty, H, BH, n_m, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
-                  WG_ROWS: gl.constexpr):
-    """TMA loads, for each of this program's work items: K_j and V_j for j = diagonal, diagonal-1, ..., 0 into slot
-    it % STAGES of the K ring and of the V ring (`it` counts key tiles over all items), and each consumer's Q rows
-    once that consumer has stored the previous item's O from them."""
-    it = 0
-    item = 0
-    for w in range(gl.program_id(0), n_m * BH, gl.num_programs(0)):
-        tile, bh, off_b, off_h, start_m = _work_item(w, H, BH, n_m, BLOCK_N)
-        for i in range(tile + 1):
-            s = it % STAGES
-            # A slot is free once every consumer released its previous use: K_j once S_j is computed, V_j once
-            # P_j V_j is, so K_{j+STAGES} loads while P_j V_j is still on the tensor cores. The first pass waits on
-            # the phase before the barrier's first, which counts as complete.
-            free = ((it // STAGES) & 1) ^ 1
-            start_n = start_m - i * BLOCK_N
-            mbarrier.wait(k_empty.index(s), free)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [off_b, off_h, start_n, 0], k_ready.index(s), k_smem.index(s))
-            if i == 0:
-                for c in gl.static_range(CONSUMERS):
-                    mbarrier.wait(q_empty.index(c), (item & 1) ^ 1)
-                    mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m + c * WG_ROWS, 0],
-                                                    q_ready.index(c), q_smem.index(c))
-            mbarrier.wait(v_empty.index(s), free)
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [off_b, off_h, start_n, 0], v_ready.index(s), v_smem.index(s))
-            it += 1
-        item += 1
-
-
-@gluon.jit
-def _fwd_consumer(C: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                  v_empty, turn, H, BH, n_m, T, QK_SCALE: gl.constexpr, BLOCK_N: gl.constexpr,
+def _fwd_consumer(C: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                  turn, off_b, off_h, bh, start_m, n_tiles, T, QK_SCALE: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, WG_ROWS: gl.constexpr):
-    """Consumer warpgroup C: for each work item, the online softmax over its WG_ROWS query rows. The consumers take
-    turns issuing their wgmmas (turn barriers, FlashAttention-3's ping-pong), so that one's softmax runs while
-    another's matmuls use the tensor cores."""
+    """Consumer warpgroup C: the online softmax over its WG_ROWS query rows. The consumers take turns issuing their
+    wgmmas (turn barriers, FlashAttention-3's ping-pong), so that one's softmax runs while another's matmuls use
+    the tensor cores."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -109,107 +90,92 @@ def _fwd_consumer(C: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_ready,
     next_turn = turn.index((C + 1) % CONSUMERS)
     my_turn = turn.index(C)
     FIRST: gl.constexpr = 1 if C == 0 else 0  # consumer 0 goes first: its first wait is on the phase before the first
-    it = 0  # key tiles consumed, over all items: the ring slots' and the turns' phases
-    item = 0
-    for w in range(gl.program_id(0), n_m * BH, gl.num_programs(0)):
-        tile, bh, off_b, off_h, start_m = _work_item(w, H, BH, n_m, BLOCK_N)
-        n_tiles = tile + 1
 
-        # The diagonal tile, first and alone in being masked: each row's own key is in it, so m_i is finite after.
-        slot = it % STAGES
-        mbarrier.wait(q_ready.index(C), item & 1)
-        mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
+    # The diagonal tile, first and alone in being masked: each row's own key is in it, so m_i is finite after it.
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    k = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM])
+    mbarrier.wait(my_turn, FIRST)
+    s_tok = warpgroup_mma(q, k.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    mbarrier.arrive(next_turn)
+    s = warpgroup_mma_wait(0, deps=[s_tok, q, k])[0]
+    mbarrier.arrive(k_empty.index(0))
+    offs_m = start_m + C * WG_ROWS + gl.arange(0, WG_ROWS, row_s)
+    offs_n = start_m + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+    s = gl.where(offs_m[:, None] >= offs_n[None, :], s * QK_SCALE, float("-inf"))
+    m_i = gl.max(s, 1)
+    p = gl.exp2(s - m_i[:, None])
+    l_i = gl.sum(p, 1)
+    acc = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, o_layout)
+
+    for i in range(1, n_tiles):
+        slot = i % STAGES
+        prev = (i - 1) % STAGES
+        # S_j = Q K_jᵀ first, then P_{j-1} V_{j-1}: waiting until one group is outstanding then means S_j is done
+        # while the tensor cores still work on P_{j-1} V_{j-1}.
+        mbarrier.wait(k_ready.index(slot), (i // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
         k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
-        mbarrier.wait(my_turn, (it & 1) ^ FIRST)
-        s_tok = warpgroup_mma(q, k.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.arrive(next_turn)
-        s = warpgroup_mma_wait(0, deps=[s_tok, q, k])[0]
-        mbarrier.arrive(k_empty.index(slot))
-        offs_m = start_m + C * WG_ROWS + gl.arange(0, WG_ROWS, row_s)
-        offs_n = start_m + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-        s = gl.where(offs_m[:, None] >= offs_n[None, :], s * QK_SCALE, float("-inf"))
-        m_i = gl.max(s, 1)
-        p = gl.exp2(s - m_i[:, None])
-        l_i = gl.sum(p, 1)
-        # P is carried to the next wgmma as its A operand, in 16 bits: half the registers of fp32.
+        v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-        alpha = gl.full([WG_ROWS], 1.0, gl.float32, row_s)
-        # acc is carried through the loop as the in-flight accumulator of P_{j-1} V_{j-1}.
-        acc = warpgroup_mma_init(gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, o_layout))
-
-        for i in range(1, n_tiles):
-            g = it + i
-            slot = g % STAGES
-            prev = (g - 1) % STAGES
-            # P_{j-2} V_{j-2}, issued last iteration, is waited for here, at the top of this one: waited for at the
-            # end of the last (after the softmax, where it belongs), ptxas hoists that wait above the softmax's
-            # exponentials (it moves a wait with no register operands as early as it likes), and the softmax no
-            # longer overlaps the matmul. Then acc moves to m_{j-1}'s scale (alpha, from the last softmax).
-            acc = warpgroup_mma_wait(0, deps=[acc])
-            mbarrier.arrive(v_empty.index((g - 2) % STAGES), pred=i >= 2)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            mbarrier.wait(k_ready.index(slot), (g // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), ((g - 1) // STAGES) & 1)
-            k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
-            v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
-            mbarrier.wait(my_turn, (g & 1) ^ FIRST)
-            # S_j = Q K_jᵀ first, then P_{j-1} V_{j-1}: waiting until one group is outstanding then means S_j is
-            # done while the tensor cores still work on P_{j-1} V_{j-1}, which the softmax below overlaps.
-            s_tok = warpgroup_mma(q, k.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            acc = warpgroup_mma(p_op, v, acc, is_async=True)
-            mbarrier.arrive(next_turn)
-            s = warpgroup_mma_wait(1, deps=[s_tok, q, k])[0]
-            mbarrier.arrive(k_empty.index(slot))
-            # m_i is kept in scaled units; the max is taken on the raw scores, so each score costs one FMA and one
-            # exp2.
-            m_new = gl.maximum(m_i, gl.max(s, 1) * QK_SCALE)
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s * QK_SCALE - m_new[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-
-        g = it + n_tiles - 1
-        last = g % STAGES
-        mbarrier.wait(v_ready.index(last), (g // STAGES) & 1)
-        v = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM])
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(v_empty.index((g - 1) % STAGES), pred=n_tiles >= 2)
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        mbarrier.wait(my_turn, (i & 1) ^ FIRST)
+        s_tok = warpgroup_mma(q, k.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         acc_tok = warpgroup_mma(p_op, v, acc, is_async=True)
+        mbarrier.arrive(next_turn)
+        s = warpgroup_mma_wait(1, deps=[s_tok, q, k])[0]
+        mbarrier.arrive(k_empty.index(slot))
+        # m_i is kept in scaled units; the max is taken on the raw scores, so each score costs one FMA and one exp2.
+        m_new = gl.maximum(m_i, gl.max(s, 1) * QK_SCALE)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * QK_SCALE - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
         acc = warpgroup_mma_wait(0, deps=[acc_tok, p_op, v])[0]
-        mbarrier.arrive(v_empty.index(last))
+        mbarrier.arrive(v_empty.index(prev))
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
 
-        acc = acc / gl.convert_layout(l_i, row_o)[:, None]
-        # The Q rows are free now: O goes out through them, then they take the next item's Q.
-        q.store(acc.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [off_b, off_h, start_m + C * WG_ROWS, 0], q_tile)
-        lse = m_i + gl.log2(l_i)
-        gl.store(LSE + bh * T + offs_m, lse, mask=offs_m < T)
-        tma.store_wait(0)
-        mbarrier.arrive(q_empty.index(C))
-        it += n_tiles
-        item += 1
+    last = (n_tiles - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    v = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM])
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    acc_tok = warpgroup_mma(p_op, v, acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=[acc_tok, p_op, v])[0]
+
+    acc = acc / gl.convert_layout(l_i, row_o)[:, None]
+    # The Q rows are free now: O goes out through them.
+    q.store(acc.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, start_m + C * WG_ROWS, 0], q_tile)
+    lse = m_i + gl.log2(l_i)
+    gl.store(LSE + bh * T + offs_m, lse, mask=offs_m < T)
+    tma.store_wait(0)
 
 
 @gluon.jit
 def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, H, T, BH, QK_SCALE: gl.constexpr, HEAD_DIM: gl.constexpr,
                  STAGES: gl.constexpr, CONSUMERS: gl.constexpr, WG_ROWS: gl.constexpr):
-    """Persistent: program p runs work items p, p + programs, ... of the n_m·BH (query tile, batch·head) items."""
     BLOCK_N: gl.constexpr = CONSUMERS * WG_ROWS
     gl.static_assert(k_desc.block_type.shape[2] == BLOCK_N)
-    n_m = gl.cdiv(T, BLOCK_N)
+    # Heaviest query tiles first: program 0 takes the last tile, which visits the most key tiles.
+    tile = gl.num_programs(0) - 1 - gl.program_id(0)
+    bh = gl.program_id(2) * gl.num_programs(1) + gl.program_id(1)
+    if bh >= BH:  # the grid folds batch·head over two axes and may run a few programs past the end
+        return
+    off_b = bh // H
+    off_h = bh % H
+    start_m = tile * BLOCK_N
+    n_tiles = tile + 1
+
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
@@ -217,20 +183,18 @@ def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, H, T, BH, QK_SCALE: gl.con
         mbarrier.init(v_empty.index(s), count=CONSUMERS)
     for c in gl.static_range(CONSUMERS):
         mbarrier.init(turn.index(c), count=1)
-        mbarrier.init(q_ready.index(c), count=1)
-        mbarrier.init(q_empty.index(c), count=1)
 
     # The consumers are the default partition (consumer 0) and CONSUMERS - 1 workers of 4 warps at 240 registers a
     # thread; the producer is one warp at 24 (FlashAttention-3's budgets).
-    gl.static_assert(CONSUMERS == 2)
-    gl.warp_specialize([
-        (_fwd_consumer, (0, o_desc, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                         turn, H, BH, n_m, T, QK_SCALE, BLOCK_N, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS)),
-        (_fwd_consumer, (1, o_desc, LSE, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                         turn, H, BH, n_m, T, QK_SCALE, BLOCK_N, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS)),
-        (_fwd_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, H, BH, n_m, BLOCK_N, STAGES, CONSUMERS, WG_ROWS)),
-    ], [4, 1], [240, 24])
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_fwd_consumer, (0, o_desc, LSE, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                             off_b, off_h, bh, start_m, n_tiles, T, QK_SCALE, BLOCK_N, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS)),
+            (_fwd_consumer, (1, o_desc, LSE, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                             off_b, off_h, bh, start_m, n_tiles, T, QK_SCALE, BLOCK_N, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS)),
+            (_fwd_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+                             v_empty, off_b, off_h, start_m, n_tiles, BLOCK_N, STAGES, CONSUMERS, WG_ROWS)),
+        ], [4, 1], [240, 24])
 
 
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -242,11 +206,6 @@ def _tile_layout(rows, head_dim, dtype):
     return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], _GL_DTYPE[dtype])
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def forward(q, k, v, o, lse):
     """Launches the forward on (B, H, T, D) q, k, v (one set of strides, unit stride along D, TMA-aligned) into o
     (ours, (B, T, H, D) memory order) and lse (B, H, T), through attention/triton.py's launch path."""
@@ -255,7 +214,7 @@ def forward(q, k, v, o, lse):
     descs = [base._Desc(x, rows, TensorDescriptor, _tile_layout(rows, D, x.dtype))
              for x, rows in ((q, WG_ROWS), (k, block_n), (v, block_n), (o, WG_ROWS))]
     args = (*descs, lse, H, T, B * H)
-    grid = (min(_sm_count(q.device), triton.cdiv(T, block_n) * B * H), 1, 1)  # persistent
+    grid = base._grid(T, block_n, B * H)
     key = (_attn_fwd_ws, q.device, D, *map(base._specialization, args))
     entry = base._COMPILED.get(key)
     if entry is not None:

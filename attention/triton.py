@@ -79,7 +79,7 @@ TMA_DESCRIPTORS = _VERIFIED and TensorDescriptor is not None
 GLUON = triton.__version__ == "3.6.0"
 # Per head dim, the T from which the forward takes the Gluon kernel: below it the tl kernel was faster on the H100
 # (results/attention_paths_h100.json).
-GLUON_MIN_T = {64: 2048, 128: 0}
+GLUON_MIN_T = {64: 4096, 128: 1024}
 # Grid axes 1 and 2 hold at most 65,535 programs each; batch·head is folded over both (see _grid).
 MAX_GRID_YZ = 65535
 HEAD_DIMS = (16, 32, 64, 128)

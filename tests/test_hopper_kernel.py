@@ -49,9 +49,10 @@ def test_selection_on_cpu():
 
 @pytest.mark.parametrize("D, T, dtype, gluon", [
     (64, 1024, torch.bfloat16, False),   # the GPT-2 shape: the tl forward was faster there
-    (64, 2047, torch.bfloat16, False),
-    (64, 2048, torch.bfloat16, True),    # from GLUON_MIN_T[64] on
-    (128, 1, torch.bfloat16, True),      # D = 128: always
+    (64, 4095, torch.bfloat16, False),
+    (64, 4096, torch.bfloat16, True),    # from GLUON_MIN_T[64] on
+    (128, 512, torch.bfloat16, False),
+    (128, 1024, torch.bfloat16, True),   # from GLUON_MIN_T[128] on
     (128, 4096, torch.float16, True),
     (128, 4096, torch.float32, False),   # 16-bit inputs only
     (32, 4096, torch.bfloat16, False),   # head dims 64 and 128 only
