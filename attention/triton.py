@@ -31,7 +31,7 @@ Hopper: on sm_90+ the forward at D = 128 reads q, k, v and writes O, and the bac
 reads q, k, v and dO, through host-side TMA tensor descriptors (4-D, over the (B, H, T, D) views; rows past T load
 as zeros and are not stored), the same kernels with TMA=True; elsewhere, and always under the interpreter unless a
 test asks, through pointers (_use_tma and _bwd_uses_tma say why). attention/hopper.py holds a warp-specialised forward
-for sm_90 in Gluon with the same outputs; it is not yet faster, so it runs only when asked (attention_forward's gluon).
+for sm_90 in Gluon with the same outputs, which the forward takes where it was measured faster (GLUON_MIN_T).
 
 Launches: Triton's generic launch path costs more host time than these kernels take on the GPU at the GPT-2 shape,
 so after the first (autotuning) call the compiled kernels are launched directly, on the Triton version where that
@@ -73,12 +73,10 @@ except ImportError:
     TensorDescriptor = None
 TMA_DESCRIPTORS = _VERIFIED and TensorDescriptor is not None
 # The warp-specialised Gluon forward (attention/hopper.py) runs only with the Triton release it was written and tested
-# against. It is correct (fp64-checked on the H100) but not yet faster than the portable forward there, so it is not
-# the default: attention_forward(..., gluon=True) and scripts/bench_attention.py's "triton gluon" row run it
-# (KERNEL_NOTES.md, v14).
+# against (fp64-checked on the H100).
 GLUON = triton.__version__ == "3.6.0"
 # Per head dim, the T from which the forward takes the Gluon kernel: below it the tl kernel was faster on the H100
-# (results/attention_paths_h100.json).
+# (KERNEL_NOTES.md, v15: at D=64 T=1024, 0.1039 ms against 0.0918; the thresholds are the lowest T measured faster).
 GLUON_MIN_T = {64: 4096, 128: 1024}
 # Grid axes 1 and 2 hold at most 65,535 programs each; batch·head is folded over both (see _grid).
 MAX_GRID_YZ = 65535
