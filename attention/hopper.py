@@ -7,9 +7,11 @@ Forward, one program per (BLOCK_M query rows, batch·head), heaviest query tiles
   filled by the TMA engine's byte count; k_empty and v_empty released by the consumers, K_j as soon as S_j is
   computed);
 * the consumer partition (two warpgroups, 64 query rows each, most of the registers) runs the online softmax. Its
-  wgmmas are asynchronous: S_j = Q K_jᵀ is issued, then P_{j-1} V_{j-1}, and S_j's softmax (running max m_i, running
-  sum l_i, P_j kept in registers as the next wgmma's A operand) is computed while P_{j-1} V_{j-1} is still on the
-  tensor cores; acc is rescaled by alpha = exp2(m_old - m_new) once that wgmma is done. Exponentials are exp2 with
+  wgmmas are asynchronous: S_j = Q K_jᵀ is issued, then P_{j-1} V_{j-1}; once S_j is done, its softmax (running max
+  m_i, running sum l_i, P_j kept in registers as the next wgmma's A operand) runs, and acc is rescaled by
+  alpha = exp2(m_old - m_new) once P_{j-1} V_{j-1} is done. The wait for P_{j-1} V_{j-1} is written after the softmax,
+  but ptxas moves it ahead of the exponentials (KERNEL_NOTES.md, v15), so a softmax overlaps the other warpgroup's
+  matmuls (the turns), not its own warpgroup's. Exponentials are exp2 with
   log2(e)·D^-½ folded into one constant. The diagonal tile (BLOCK_N = BLOCK_M) is the first one visited and the only
   one masked; tiles above the diagonal are never loaded.
 
@@ -112,7 +114,7 @@ def _fwd_consumer(C: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bar, k
         slot = i % STAGES
         prev = (i - 1) % STAGES
         # S_j = Q K_jᵀ first, then P_{j-1} V_{j-1}: waiting until one group is outstanding then means S_j is done
-        # while the tensor cores still work on P_{j-1} V_{j-1}.
+        # while the tensor cores may still work on P_{j-1} V_{j-1}.
         mbarrier.wait(k_ready.index(slot), (i // STAGES) & 1)
         mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
         k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
