@@ -468,8 +468,8 @@ def _launch(kernel, configs, config, block, B, H, T, args, dtype, D, device, **c
     """Launches `kernel` over (tiles of `block` rows, batch·head) with `args` followed by (B·H, T_BUCKET)."""
     BH = B * H
     args = (*args, BH, triton.next_power_of_2(T))
+    key = (kernel, device, D, *map(_specialization, args))
     if DIRECT_LAUNCH and config is None:
-        key = (kernel, device, D, *map(_specialization, args))
         entry = _COMPILED.get(key)
         if entry is not None:
             direct, rows = entry

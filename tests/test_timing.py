@@ -80,8 +80,8 @@ def test_the_eta_is_the_running_mean_of_the_steps_after_the_warm_up(tmp_path, ca
     for step, seconds in enumerate([30.0, 10.0, 1.0, 3.0, 2.0]):
         log.step(step, 1e-3, 2.0, 1.0, seconds)
     etas = [line.rsplit("ETA ", 1)[1] for line in capsys.readouterr().out.splitlines()]
-    # Steps 0-1 are the warm-up: their own mean until a later step is read, then the mean of steps 2, 3, 4...
-    expected = [9 * 30.0, 8 * 20.0, 7 * 1.0, 6 * 2.0, 5 * 2.0]
+    # Steps 0-1 are the warm-up: step 0 (compilation) alone, then step 1 alone, then the mean of steps 2, 3, 4...
+    expected = [9 * 30.0, 8 * 10.0, 7 * 1.0, 6 * 2.0, 5 * 2.0]
     assert etas == [str(datetime.timedelta(seconds=round(s))) for s in expected]
     assert all(re.fullmatch(r"\d+:\d\d:\d\d", eta) for eta in etas)
     log.close({}, 0)

@@ -164,7 +164,9 @@ class RunLog:
         if self.run:
             self.run.log({k: v for k, v in row.items() if k != "time"}, step=step)  # W&B keeps its own clock
         self.seconds.append(dt)
-        recent = self.seconds[self.cfg.timing_warmup:] or self.seconds  # the warm-up left out once past it
+        # The warm-up left out once past it; within it, the process's first step (compilation: 32 s against 1 s
+        # on the H100's full configuration) left out once a second one is read.
+        recent = self.seconds[self.cfg.timing_warmup:] or self.seconds[1:] or self.seconds
         eta = (self.cfg.max_steps - 1 - step) * sum(recent) / len(recent)
         print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.4f} | {1e3 * dt:8.2f} ms | "
               f"{row['tok_per_s']:10,.0f} tok/s | MFU {'n/a' if row['mfu'] is None else format(row['mfu'], '.1%')} | "
