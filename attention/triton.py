@@ -612,20 +612,30 @@ def _gluon_runs(device, head_dim, dtype):
             and head_dim in GLUON_MIN_T and _sm90(device))
 
 
+def _gluon_default(device, head_dim, seq_len, dtype):
+    """Whether the forward's default at this shape is the Gluon kernel: where it runs and was the faster one
+    (GLUON_MIN_T). The inputs' alignment is checked on top (_prefers_gluon)."""
+    return seq_len >= GLUON_MIN_T.get(head_dim, 0) and _gluon_runs(device, head_dim, dtype)
+
+
+def _gluon_aligned(q, k, v):
+    """The Gluon kernel reads q, k, v through TMA descriptors: 16-byte-aligned bases and strides."""
+    return _tma_aligned(q) and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
+
+
 def _use_gluon(q, k, v):
-    """Whether the Gluon forward can run these inputs: _gluon_runs, and TMA-aligned."""
-    return (_gluon_runs(q.device, q.shape[-1], q.dtype) and _tma_aligned(q) and k.data_ptr() % 16 == 0
-            and v.data_ptr() % 16 == 0)
+    """Whether the Gluon forward can run these inputs."""
+    return _gluon_runs(q.device, q.shape[-1], q.dtype) and _gluon_aligned(q, k, v)
 
 
 def _prefers_gluon(q, k, v):
-    """The forward's default: the Gluon kernel where it runs and is the faster one (GLUON_MIN_T), else the tl kernel."""
-    return q.shape[2] >= GLUON_MIN_T.get(q.shape[-1], 0) and _use_gluon(q, k, v)
+    """The forward's default for these inputs: the Gluon kernel (_gluon_default), else the tl kernel."""
+    return _gluon_default(q.device, q.shape[-1], q.shape[2], q.dtype) and _gluon_aligned(q, k, v)
 
 
 def kernels(device, head_dim, seq_len, dtype=torch.bfloat16):
     """Which kernels run a (head_dim, seq_len) causal attention on `device`, in words, for the trainer's log."""
-    if seq_len >= GLUON_MIN_T.get(head_dim, 0) and _gluon_runs(device, head_dim, dtype):
+    if _gluon_default(device, head_dim, seq_len, dtype):
         return "Gluon warp-specialised forward (attention/hopper.py), tl backward"
     return "tl forward and backward" + (" (Triton's CPU interpreter)" if _INTERPRET else "")
 
