@@ -102,6 +102,9 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
     lock, resume_path, ckpt = open_run(cfg, rank, world, device)
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+    if cfg.model.attention == "triton":
+        from attention.triton import set_deterministic
+        set_deterministic(cfg.deterministic_attention)
     model = build_model(cfg, device, autocast, local_rank, world)
     start_step = restore(ckpt, resume_path, model, loader, device) if ckpt else 0
     tokens_per_step = cfg.batch_size * cfg.seq_len * world * accum

@@ -31,6 +31,9 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+import triton.language as tl
+from triton._C.libtriton import ir
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
     warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -199,13 +202,25 @@ def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, H, T, BH, QK_SCALE: gl.con
         ], [4, 1], [240, 24])
 
 
-_GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+_GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
 
 @functools.lru_cache(maxsize=None)
-def _tile_layout(rows, head_dim, dtype):
-    """The shared-memory layout of a (1, 1, rows, head_dim) TMA tile: the widest swizzle its rows allow."""
-    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], _GL_DTYPE[dtype])
+def _tile_layout(rows, cols, dtype):
+    """The shared-memory layout of a (1, 1, rows, cols) TMA tile: the widest swizzle its rows allow."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, cols], _GL_DTYPE[dtype])
+
+
+def _run(kernel, grid, args, constexprs, device):
+    """Launches a kernel of this file (4 warps: one warpgroup, or the default partition): through Triton's own launch
+    the first time, then directly (attention/triton.py's _keep)."""
+    key = (kernel, device, *map(base._specialization, args), *constexprs.values())
+    entry = base._COMPILED.get(key)
+    if entry is not None:
+        entry[0](grid, device, args)
+        return
+    compiled = kernel[grid](*base._made(args), **constexprs, num_warps=4)
+    base._keep(key, kernel, compiled, constexprs, None, len(args))
 
 
 def forward(q, k, v, o, lse):
@@ -215,14 +230,279 @@ def forward(q, k, v, o, lse):
     block_n = CONSUMERS * WG_ROWS
     descs = [base._Desc(x, rows, TensorDescriptor, _tile_layout(rows, D, x.dtype))
              for x, rows in ((q, WG_ROWS), (k, block_n), (v, block_n), (o, WG_ROWS))]
-    args = (*descs, lse, H, T, B * H)
-    grid = base._grid(T, block_n, B * H)
-    key = (_attn_fwd_ws, q.device, D, *map(base._specialization, args))
-    entry = base._COMPILED.get(key)
-    if entry is not None:
-        entry[0](grid, q.device, args)
-        return
     constexprs = dict(QK_SCALE=D**-0.5 * LOG2E, HEAD_DIM=D, STAGES=FWD_CONFIGS[D], CONSUMERS=CONSUMERS,
                       WG_ROWS=WG_ROWS)
-    compiled = _attn_fwd_ws[grid](*base._made(args), **constexprs, num_warps=4)
-    base._keep(key, _attn_fwd_ws, compiled, constexprs, block_n, len(args))
+    _run(_attn_fwd_ws, base._grid(T, block_n, B * H), (*descs, lse, H, T, B * H), constexprs, q.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------------
+# Per head dim: BLOCK_M query rows per step, STAGES of the Q/dO ring, EARLY_DV (see _bwd_step). A program owns
+# BLOCK_N = CONSUMERS·WG_ROWS keys.
+BWD_CONFIGS = {64: dict(BLOCK_M=64, STAGES=2, EARLY_DV=True, DK_SMEM=False),
+               128: dict(BLOCK_M=64, STAGES=2, EARLY_DV=False, DK_SMEM=True)}
+
+
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """global[coord...] += src, element-wise in fp32, by the TMA engine (cp.reduce.async.bulk.tensor.add): Gluon 3.6
+    has the operation but no Python name for it. Completes like a TMA store (tma.store_wait)."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+@gluon.jit
+def _bwd_producer(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready,
+                  q_empty, do_empty, off_b, off_h, start_n, n_steps, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                  CONSUMERS: gl.constexpr, WG_ROWS: gl.constexpr):
+    """TMA loads: each consumer's K and V rows once, then Q_i and dO_i for the query tiles i from the diagonal down
+    into slot i % STAGES of the Q ring and of the dO ring."""
+    mbarrier.expect(kv_bar, CONSUMERS * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for c in gl.static_range(CONSUMERS):
+        tma.async_copy_global_to_shared(k_desc, [off_b, off_h, start_n + c * WG_ROWS, 0], kv_bar, k_smem.index(c))
+        tma.async_copy_global_to_shared(v_desc, [off_b, off_h, start_n + c * WG_ROWS, 0], kv_bar, v_smem.index(c))
+    for i in range(n_steps):
+        s = i % STAGES
+        free = ((i // STAGES) & 1) ^ 1
+        start_m = start_n + i * BLOCK_M
+        mbarrier.wait(q_empty.index(s), free)
+        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m, 0], q_ready.index(s), q_smem.index(s))
+        mbarrier.wait(do_empty.index(s), free)
+        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(do_desc, [off_b, off_h, start_m, 0], do_ready.index(s), do_smem.index(s))
+
+
+@gluon.jit
+def _bwd_step(C: gl.constexpr, i, dk, dv, k_smem, v, q_smem, do_smem, ds_smem, dq_tile, dq_desc, q_ready, do_ready,
+              q_empty, do_empty, ds_ready, LSE, DELTA, off_b, off_h, bh, start_n, offs_n, T, QK_SCALE: gl.constexpr,
+              BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+              WG_ROWS: gl.constexpr, MASKED: gl.constexpr, EARLY_DV: gl.constexpr, DK_SMEM: gl.constexpr):
+    """One query tile against this warpgroup's WG_ROWS keys, transposed (keys along rows): Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
+    Pᵀ = exp2(Sᵀ - lse), dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (dPᵀ - delta), dK += dSᵀ Q. Each warpgroup leaves its dSᵀ in shared
+    memory; once both have (ds_ready), warpgroup C computes its HEAD_DIM / CONSUMERS columns of dQ = dS K over the
+    program's BLOCK_N keys and adds them to the fp32 dQ in global memory by TMA."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    d_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    DQ_COLS: gl.constexpr = HEAD_DIM // CONSUMERS
+    q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, DQ_COLS, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+    dtype: gl.constexpr = q_smem.dtype
+    slot = i % STAGES
+    phase = (i // STAGES) & 1
+    start_m = start_n + i * BLOCK_M
+    offs_m = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(0, s_layout))
+    # Rows past T: lse = +inf makes their P exactly 0.
+    lse = gl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=float("inf"))
+    delta = gl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    zero_s = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout)
+    k = k_smem.index(C).reshape([WG_ROWS, HEAD_DIM])
+
+    mbarrier.wait(q_ready.index(slot), phase)
+    q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+    st_tok = warpgroup_mma(k, q.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    mbarrier.wait(do_ready.index(slot), phase)
+    do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+    dpt_tok = warpgroup_mma(v, do.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    if EARLY_DV:  # dV's matmul overlaps dPᵀ's wait
+        st = warpgroup_mma_wait(1, deps=[st_tok, k, q])[0]
+        pt = gl.exp2(st * QK_SCALE - lse[None, :])
+        if MASKED:
+            pt = gl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
+        pt_op = gl.convert_layout(pt.to(dtype), op_layout)
+        dv_tok = warpgroup_mma(pt_op, do, dv, is_async=True)
+        dpt = warpgroup_mma_wait(1, deps=[dpt_tok, v, do])[0]
+        dst = (pt * (dpt - delta[None, :])).to(dtype)
+    else:  # fewer registers live at once: Sᵀ and dPᵀ become Pᵀ and dSᵀ in place, then bf16
+        st, dpt = warpgroup_mma_wait(0, deps=[st_tok, dpt_tok, k, q, v, do])[:2]
+        pt = gl.exp2(st * QK_SCALE - lse[None, :])
+        if MASKED:
+            pt = gl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
+        dst = (pt * (dpt - delta[None, :])).to(dtype)
+        pt_op = gl.convert_layout(pt.to(dtype), op_layout)
+        dv_tok = warpgroup_mma(pt_op, do, dv, is_async=True)
+    # dSᵀ goes to shared memory for dQ; the buffers alternate, so that a warpgroup a step ahead does not overwrite
+    # what the other is still reading (it cannot be two steps ahead: it waits on ds_ready).
+    buf = i % 2
+    ds_smem.index(buf * CONSUMERS + C).store(dst)
+    fence_async_shared()
+    mbarrier.arrive(ds_ready.index(buf))
+    if DK_SMEM:
+        dst_op = ds_smem.index(buf * CONSUMERS + C)
+    else:
+        dst_op = gl.convert_layout(dst, op_layout)
+    dk_tok = warpgroup_mma(dst_op, q, dk, is_async=True)
+    mbarrier.wait(ds_ready.index(buf), (i // 2) & 1)
+    dq_tok = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, q_layout)
+    for c in gl.static_range(CONSUMERS):
+        k_cols = k_smem.index(c).reshape([WG_ROWS, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1)
+        dq_tok = warpgroup_mma(ds_smem.index(buf * CONSUMERS + c).permute((1, 0)), k_cols, dq_tok, use_acc=c > 0,
+                               is_async=True)
+    dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok, pt_op, dst_op, q, do, ds_smem])[:3]
+    mbarrier.arrive(q_empty.index(slot))
+    mbarrier.arrive(do_empty.index(slot))
+    tma.store_wait(0)  # the previous step's dQ has left dq_tile
+    dq_tile.reshape([BLOCK_M, DQ_COLS]).store(dq)
+    fence_async_shared()
+    _tma_reduce_add(dq_desc, [off_b, off_h, start_m, C * DQ_COLS], dq_tile)
+    return dk, dv
+
+
+@gluon.jit
+def _bwd_consumer(C: gl.constexpr, dq_desc, dk_desc, dv_desc, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, ds_smem,
+                  dq_smem, kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, off_b, off_h, bh, start_n, n_steps,
+                  T, QK_SCALE: gl.constexpr, SM_SCALE: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  STAGES: gl.constexpr, CONSUMERS: gl.constexpr, WG_ROWS: gl.constexpr, EARLY_DV: gl.constexpr,
+                  DK_SMEM: gl.constexpr):
+    """Consumer warpgroup C: dK and dV of its WG_ROWS keys, accumulated in registers over the query tiles."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    d_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    dtype: gl.constexpr = q_smem.dtype
+    k_tile = k_smem.index(C)
+    v_tile = v_smem.index(C)
+    v = v_tile.reshape([WG_ROWS, HEAD_DIM])
+    dq_tile = dq_smem.index(C)
+    offs_n = start_n + C * WG_ROWS + gl.arange(0, WG_ROWS, gl.SliceLayout(1, s_layout))
+    dk = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, d_layout)
+    dv = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, d_layout)
+    mbarrier.wait(kv_bar, 0)
+    # The query tiles that meet the program's diagonal block are masked; every later one is wholly below it.
+    n_masked = gl.minimum(n_steps, CONSUMERS * WG_ROWS // BLOCK_M)
+    for i in range(n_masked):
+        dk, dv = _bwd_step(C, i, dk, dv, k_smem, v, q_smem, do_smem, ds_smem, dq_tile, dq_desc, q_ready, do_ready,
+                           q_empty, do_empty, ds_ready, LSE, DELTA, off_b, off_h, bh, start_n, offs_n, T, QK_SCALE,
+                           BLOCK_M, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS, True, EARLY_DV, DK_SMEM)
+    for i in range(n_masked, n_steps):
+        dk, dv = _bwd_step(C, i, dk, dv, k_smem, v, q_smem, do_smem, ds_smem, dq_tile, dq_desc, q_ready, do_ready,
+                           q_empty, do_empty, ds_ready, LSE, DELTA, off_b, off_h, bh, start_n, offs_n, T, QK_SCALE,
+                           BLOCK_M, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS, False, EARLY_DV, DK_SMEM)
+    # dS is the gradient of the scaled scores: dK = scale · dSᵀ Q. The other warpgroup may still read this one's K for
+    # its last dQ: dK leaves through V's rows, then dV through dSᵀ's... V's rows are this warpgroup's alone.
+    tma.store_wait(0)
+    v.store((dk * SM_SCALE).to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [off_b, off_h, start_n + C * WG_ROWS, 0], v_tile)
+    tma.store_wait(0)
+    v.store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dv_desc, [off_b, off_h, start_n + C * WG_ROWS, 0], v_tile)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, LSE, DELTA, H, T, BH,
+                 QK_SCALE: gl.constexpr, SM_SCALE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                 STAGES: gl.constexpr, CONSUMERS: gl.constexpr, WG_ROWS: gl.constexpr, EARLY_DV: gl.constexpr,
+                 DK_SMEM: gl.constexpr):
+    BLOCK_N: gl.constexpr = CONSUMERS * WG_ROWS
+    gl.static_assert(BLOCK_N % BLOCK_M == 0)
+    tile = gl.program_id(0)  # key tile 0 meets every query tile: the heaviest come first
+    bh = gl.program_id(2) * gl.num_programs(1) + gl.program_id(1)
+    if bh >= BH:
+        return
+    off_b = bh // H
+    off_h = bh % H
+    start_n = tile * BLOCK_N
+    n_steps = gl.cdiv(T - start_n, BLOCK_M)
+
+    dtype: gl.constexpr = q_desc.dtype
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_ROWS, BLOCK_M], dtype)
+    k_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + v_desc.block_type.shape, v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [2 * CONSUMERS, WG_ROWS, BLOCK_M], ds_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [CONSUMERS] + dq_desc.block_type.shape, dq_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(s), count=1)
+        mbarrier.init(do_ready.index(s), count=1)
+        mbarrier.init(q_empty.index(s), count=CONSUMERS)
+        mbarrier.init(do_empty.index(s), count=CONSUMERS)
+    for b in gl.static_range(2):
+        mbarrier.init(ds_ready.index(b), count=CONSUMERS)
+
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_bwd_consumer, (0, dq_desc, dk_desc, dv_desc, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, ds_smem,
+                             dq_smem, kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, off_b, off_h, bh, start_n,
+                             n_steps, T, QK_SCALE, SM_SCALE, BLOCK_M, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS, EARLY_DV,
+                             DK_SMEM)),
+            (_bwd_consumer, (1, dq_desc, dk_desc, dv_desc, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, ds_smem,
+                             dq_smem, kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, off_b, off_h, bh, start_n,
+                             n_steps, T, QK_SCALE, SM_SCALE, BLOCK_M, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS, EARLY_DV,
+                             DK_SMEM)),
+            (_bwd_producer, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready,
+                             do_ready, q_empty, do_empty, off_b, off_h, start_n, n_steps, BLOCK_M, STAGES, CONSUMERS,
+                             WG_ROWS)),
+        ], [4, 1], [240, 24])
+
+
+@triton.jit
+def _bwd_prep(O, DO, DELTA, DQ_ACC, stride_dob, stride_doh, stride_dot, H, T, BH, HEAD_DIM: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """delta = rowsum(dO ∘ O) for BLOCK rows of one batch·head, and those rows of the fp32 dQ zeroed."""
+    bh = base._batch_head()
+    if bh >= BH:
+        return
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    bthd = base._bthd_offset(off_b, off_h, offs_m, offs_d, H, T, HEAD_DIM)
+    o = tl.load(O + bthd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(base._rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, offs_d),
+                 mask=row_ok[:, None], other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=row_ok)
+    tl.store(DQ_ACC + bthd, tl.zeros([BLOCK, HEAD_DIM], tl.float32), mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_cast(DQ_ACC, DQ, N, SM_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """dQ = scale · (the fp32 sum of dS K), cast to the input dtype; both in (B, T, H, D) order, so element-wise."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    tl.store(DQ + offs, (tl.load(DQ_ACC + offs, mask=ok) * SM_SCALE).to(DQ.dtype.element_ty), mask=ok)
+
+
+PREP_ROWS = 64
+CAST_BLOCK = 4096
+
+
+
+
+def backward(do, q, k, v, o, lse, dq, dk, dv):
+    """dq, dk, dv (ours, (B, T, H, D) memory order) from dO and the forward's o (ours) and lse, for (B, H, T, D) q, k,
+    v and dO with unit stride along D, TMA-aligned. Three launches: delta (and the fp32 dQ zeroed), the warp-specialised
+    kernel, the cast of dQ."""
+    B, H, T, D = q.shape
+    config = BWD_CONFIGS[D]
+    block_m = config["BLOCK_M"]
+    block_n = CONSUMERS * WG_ROWS
+    delta = torch.empty_like(lse)
+    dq_acc = torch.empty((B, T, H, D), dtype=torch.float32, device=q.device)
+    dq_acc_bhtd = dq_acc.transpose(1, 2)
+    _run(_bwd_prep, base._grid(T, PREP_ROWS, B * H), (o, do, delta, dq_acc, *do.stride()[:3], H, T, B * H),
+         dict(HEAD_DIM=D, BLOCK=PREP_ROWS), q.device)
+    descs = [base._Desc(x, rows, TensorDescriptor, _tile_layout(rows, cols, x.dtype), cols=cols)
+             for x, rows, cols in ((q, block_m, D), (k, WG_ROWS, D), (v, WG_ROWS, D), (do, block_m, D),
+                                   (dq_acc_bhtd, block_m, D // CONSUMERS), (dk, WG_ROWS, D), (dv, WG_ROWS, D))]
+    constexprs = dict(QK_SCALE=D**-0.5 * LOG2E, SM_SCALE=D**-0.5, HEAD_DIM=D, **config, CONSUMERS=CONSUMERS,
+                      WG_ROWS=WG_ROWS)
+    _run(_attn_bwd_ws, base._grid(T, block_n, B * H), (*descs, lse, delta, H, T, B * H), constexprs, q.device)
+    n = dq_acc.numel()
+    _run(_bwd_dq_cast, (triton.cdiv(n, CAST_BLOCK), 1, 1), (dq_acc, dq, n), dict(SM_SCALE=D**-0.5, BLOCK=CAST_BLOCK),
+         q.device)

@@ -78,6 +78,9 @@ GLUON = triton.__version__ == "3.6.0"
 # Per head dim, the T from which the forward takes the Gluon kernel: below it the tl kernel was faster on the H100
 # (KERNEL_NOTES.md, v15: at D=64 T=1024, 0.1039 ms against 0.0918; the thresholds are the lowest T measured faster).
 GLUON_MIN_T = {64: 4096, 128: 1024}
+# Likewise for the backward (attention/hopper.py's five-matmul backward, dQ added up in fp32 by TMA reduce-add: not
+# bitwise repeatable, so never while deterministic() holds).
+GLUON_BWD_MIN_T = {64: 1024, 128: 1024}
 # Grid axes 1 and 2 hold at most 65,535 programs each; batch·head is folded over both (see _grid).
 MAX_GRID_YZ = 65535
 HEAD_DIMS = (16, 32, 64, 128)
@@ -493,6 +496,13 @@ def _keep(key, kernel, compiled, constexprs, rows, n_args):
         _COMPILED[key] = (_Direct(compiled, [constexprs[name] for name in kernel.arg_names[n_args:]]), rows)
 
 
+def _hooked():
+    """Whether a launch hook is set (a profiler's, e.g. proton's): _Direct then takes Triton's own path, which calls it.
+    Triton 3.6 keeps the hooks in a HookChain, never None: an empty chain means none."""
+    hook = knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class _Direct:
     """A compiled kernel launched straight through Triton's C launcher. Triton's generic launch path (autotuner key,
     argument binding, specialisation, cache lookup, and a TMA descriptor encoded afresh for every descriptor argument
@@ -515,7 +525,7 @@ class _Direct:
 
     def __call__(self, grid, device, args):
         stream = driver.active.get_current_stream(device.index)
-        if self.own_path or knobs.runtime.launch_enter_hook is not None:
+        if self.own_path or _hooked():
             c, args = self.compiled, (*_made(args), *self.constexprs)
             c.run(*grid, stream, c.function, c.packed_metadata, c.launch_metadata(grid, stream, *args),
                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)
@@ -530,13 +540,13 @@ class _Direct:
 
 
 class _Desc:
-    """A TMA descriptor argument before it is made: the (B, H, T, D) tensor, the (1, 1, rows, D) tile it moves, and
+    """A TMA descriptor argument before it is made: the (B, H, T, D) tensor, the (1, 1, rows, cols = D) tile it moves, and
     the descriptor class with its extra arguments (Gluon's takes the tile's shared-memory layout). Triton's own launch
     path gets the descriptor (_made); the direct launch its encoded form (_tma_args)."""
     __slots__ = ("x", "block", "cls", "extra")
 
-    def __init__(self, x, rows, cls=None, *extra):
-        self.x, self.block, self.cls, self.extra = x, (1, 1, rows, x.shape[-1]), cls or TensorDescriptor, extra
+    def __init__(self, x, rows, cls=None, *extra, cols=None):
+        self.x, self.block, self.cls, self.extra = x, (1, 1, rows, cols or x.shape[-1]), cls or TensorDescriptor, extra
 
     def make(self):
         x = self.x
@@ -606,7 +616,7 @@ def _sm90(device):
 
 
 def _gluon_runs(device, head_dim, dtype):
-    """Whether attention/hopper.py's warp-specialised Gluon forward runs on this device, head dim and dtype: sm_90
+    """Whether attention/hopper.py's warp-specialised Gluon kernels run on this device, head dim and dtype: sm_90
     (H100, H200) with the Triton version it was tested with, head dims 64 and 128 in 16-bit floats."""
     return (GLUON and not _INTERPRET and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
             and head_dim in GLUON_MIN_T and _sm90(device))
@@ -618,14 +628,15 @@ def _gluon_default(device, head_dim, seq_len, dtype):
     return seq_len >= GLUON_MIN_T.get(head_dim, 0) and _gluon_runs(device, head_dim, dtype)
 
 
-def _gluon_aligned(q, k, v):
-    """The Gluon kernel reads q, k, v through TMA descriptors: 16-byte-aligned bases and strides."""
-    return _tma_aligned(q) and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
+def _gluon_aligned(q, k, v, *others):
+    """The Gluon kernels read q, k, v (and dO: `others`) through TMA descriptors: 16-byte-aligned bases and strides."""
+    return (_tma_aligned(q) and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
+            and all(_tma_aligned(x) for x in others))
 
 
-def _use_gluon(q, k, v):
-    """Whether the Gluon forward can run these inputs."""
-    return _gluon_runs(q.device, q.shape[-1], q.dtype) and _gluon_aligned(q, k, v)
+def _use_gluon(q, k, v, *others):
+    """Whether the Gluon kernels can run these inputs (`others`: dO, for the backward)."""
+    return _gluon_runs(q.device, q.shape[-1], q.dtype) and _gluon_aligned(q, k, v, *others)
 
 
 def _prefers_gluon(q, k, v):
@@ -633,11 +644,36 @@ def _prefers_gluon(q, k, v):
     return _gluon_default(q.device, q.shape[-1], q.shape[2], q.dtype) and _gluon_aligned(q, k, v)
 
 
+_DETERMINISTIC = False
+
+
+def set_deterministic(enabled):
+    """Bitwise-repeatable gradients (the tl backward) even where the Gluon backward is faster; so does
+    torch.use_deterministic_algorithms(True). The trainer's `deterministic_attention` setting calls this."""
+    global _DETERMINISTIC
+    _DETERMINISTIC = bool(enabled)
+
+
+def deterministic():
+    return _DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
+
+
+def _gluon_bwd_default(device, head_dim, seq_len, dtype):
+    """Whether the backward's default at this shape is the Gluon kernel: where it runs, was the faster one
+    (GLUON_BWD_MIN_T) and bitwise repeatability was not asked for."""
+    return (seq_len >= GLUON_BWD_MIN_T.get(head_dim, float("inf")) and not deterministic()
+            and _gluon_runs(device, head_dim, dtype))
+
+
 def kernels(device, head_dim, seq_len, dtype=torch.bfloat16):
     """Which kernels run a (head_dim, seq_len) causal attention on `device`, in words, for the trainer's log."""
-    if _gluon_default(device, head_dim, seq_len, dtype):
-        return "Gluon warp-specialised forward (attention/hopper.py), tl backward"
-    return "tl forward and backward" + (" (Triton's CPU interpreter)" if _INTERPRET else "")
+    fwd = "Gluon warp-specialised" if _gluon_default(device, head_dim, seq_len, dtype) else "tl"
+    bwd = "Gluon warp-specialised" if _gluon_bwd_default(device, head_dim, seq_len, dtype) else "tl"
+    if fwd == bwd == "tl":
+        return "tl forward and backward" + (" (Triton's CPU interpreter)" if _INTERPRET else "")
+    if fwd == bwd:
+        return f"{fwd} forward and backward (attention/hopper.py)"
+    return f"{fwd} forward, {bwd} backward (attention/hopper.py)"
 
 
 def _bwd_uses_tma(q, k, v, do):
@@ -711,16 +747,24 @@ def attention_forward(q, k, v, config=None, tma=None, gluon=None):
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, dq_config=None, dkdv_config=None, tma=None):
-    """Returns (dq, dk, dv). The dQ kernel runs first: it also computes delta, which the dK/dV kernel reads. tma: q, k,
-    v and dO through TMA descriptors or pointers; None chooses (_bwd_uses_tma), tests force either."""
+def attention_backward(do, q, k, v, o, lse, dq_config=None, dkdv_config=None, tma=None, gluon=None):
+    """Returns (dq, dk, dv). gluon: True runs the warp-specialised Hopper backward (attention/hopper.py; the caller
+    checks _use_gluon(q, k, v, do)), False the tl kernels; None chooses (_gluon_bwd_default), unless a config or tma
+    asks for the tl kernels. Of those the dQ kernel runs first: it also computes delta, which the dK/dV kernel reads.
+    tma: q, k, v and dO through TMA descriptors or pointers; None chooses (_bwd_uses_tma), tests force either."""
     B, H, T, D = q.shape
     q, k, v = _unit_stride(q, k, v)
     if do.stride(-1) != 1:
         do = do.contiguous()
-    if o.stride() != _bthd_strides(o):  # the kernel indexes O in the layout attention_forward gives it
+    if o.stride() != _bthd_strides(o):  # the kernels index O in the layout attention_forward gives it
         o = _bthd(o).copy_(o)
     dq, dk, dv = _bthd(q), _bthd(k), _bthd(v)
+    if gluon is None:
+        gluon = (dq_config is None and dkdv_config is None and tma is None
+                 and _gluon_bwd_default(q.device, D, T, q.dtype) and _gluon_aligned(q, k, v, do))
+    if gluon:
+        _gluon_kernels().backward(do, q, k, v, o, lse, dq, dk, dv)
+        return dq, dk, dv
     delta = torch.empty_like(lse)
     strides = (*q.stride()[:3], *do.stride()[:3], H, T)
     tma = _bwd_uses_tma(q, k, v, do) if tma is None else tma
@@ -771,10 +815,11 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, gluon=None):
-        """gluon: force the Gluon forward (True) or the tl one (False), for scripts/bench_attention.py's rows; the
-        compiled op always chooses."""
+        """gluon: force the Gluon kernels (True) or the tl ones (False), forward and backward, for
+        scripts/bench_attention.py's rows; the compiled ops always choose."""
         o, lse = _fwd_op(q, k, v) if torch.compiler.is_compiling() else attention_forward(q, k, v, gluon=gluon)
         ctx.save_for_backward(q, k, v, o, lse)
+        ctx.gluon = gluon
         return o
 
     @staticmethod
@@ -782,7 +827,7 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         if torch.compiler.is_compiling():
             return *_bwd_op(do, q, k, v, o, lse), None
-        return *attention_backward(do, q, k, v, o, lse), None
+        return *attention_backward(do, q, k, v, o, lse, gluon=ctx.gluon), None
 
 
 def _check(q, k, v):

@@ -71,25 +71,47 @@ def resources(kernel, constexprs, config, arch):
 def gluon_forward(head_dim, arch=90, dtype="bf16"):
     """attention/hopper.py's warp-specialised forward compiled as attention/hopper.forward launches it: its resources,
     and the instructions that make it what it is (counted in its PTX)."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     from attention import hopper
 
     block_n = hopper.CONSUMERS * hopper.WG_ROWS
-    gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-
-    def desc(rows):
-        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], gl_dtype)
-        return f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{layout!r}>"
-
-    kernel = hopper._attn_fwd_ws
     constexprs = dict(QK_SCALE=head_dim**-0.5 * hopper.LOG2E, HEAD_DIM=head_dim, STAGES=hopper.FWD_CONFIGS[head_dim],
                       CONSUMERS=hopper.CONSUMERS, WG_ROWS=hopper.WG_ROWS)
-    types = {"q_desc": desc(hopper.WG_ROWS), "k_desc": desc(block_n), "v_desc": desc(block_n),
-             "o_desc": desc(hopper.WG_ROWS), "LSE": "*fp32", "H": "i32", "T": "i32", "BH": "i32",
-             **{name: "constexpr" for name in constexprs}}
-    attrs = {(kernel.arg_names.index("LSE"),): [["tt.divisibility", 16]]}
+    tiles = dict(q_desc=hopper.WG_ROWS, k_desc=block_n, v_desc=block_n, o_desc=hopper.WG_ROWS)
+    return _gluon(hopper._attn_fwd_ws, head_dim, tiles, constexprs, arch, dtype)
+
+
+def gluon_backward(head_dim, arch=90, dtype="bf16"):
+    """attention/hopper.py's warp-specialised backward kernel compiled as attention/hopper.backward launches it."""
+    from attention import hopper
+
+    config = hopper.BWD_CONFIGS[head_dim]
+    constexprs = dict(QK_SCALE=head_dim**-0.5 * hopper.LOG2E, SM_SCALE=head_dim**-0.5, HEAD_DIM=head_dim, **config,
+                      CONSUMERS=hopper.CONSUMERS, WG_ROWS=hopper.WG_ROWS)
+    rows, keys = config["BLOCK_M"], hopper.WG_ROWS
+    tiles = dict(q_desc=rows, k_desc=keys, v_desc=keys, do_desc=rows,
+                 dq_desc=(rows, "fp32", head_dim // hopper.CONSUMERS), dk_desc=keys, dv_desc=keys)
+    return _gluon(hopper._attn_bwd_ws, head_dim, tiles, constexprs, arch, dtype)
+
+
+def _gluon(kernel, head_dim, tiles, constexprs, arch, dtype):
+    """A Gluon kernel of attention/hopper.py compiled for `arch`: its resources, and the instructions that make it what
+    it is (counted in its PTX). tiles: each descriptor argument's tile rows (or rows, dtype, columns, if not the
+    inputs' dtype and head_dim)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    gl_dtypes = {"bf16": gl.bfloat16, "fp16": gl.float16, "fp32": gl.float32}
+
+    def desc(rows, tile_dtype=dtype, cols=head_dim):
+        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, cols], gl_dtypes[tile_dtype])
+        return f"tensordesc<{tile_dtype}[1, 1, {rows}, {cols}],{layout!r}>"
+
+    types = {name: desc(*tile) if isinstance(tile, tuple) else desc(tile) for name, tile in tiles.items()}
+    types.update({name: "constexpr" if name in constexprs else "i32" if name in INTEGERS else "*fp32"
+                  for name in kernel.arg_names if name not in types})
+    types = {name: types[name] for name in kernel.arg_names}
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in kernel.arg_names
+             if types[name] == "*fp32"}
     compiled = triton.compile(GluonASTSource(kernel, types, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=4))
     ptx = compiled.asm["ptx"]
@@ -97,7 +119,7 @@ def gluon_forward(head_dim, arch=90, dtype="bf16"):
                 registers_per_partition=sorted(set(map(int, re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
                                                                          ptx)))),
                 wgmma=ptx.count("wgmma.mma_async"), overlapped_waits=ptx.count("wgmma.wait_group.sync.aligned 1;"),
-                tma_loads=ptx.count("cp.async.bulk.tensor"))
+                tma_loads=ptx.count("cp.async.bulk.tensor"), tma_reduce_adds=ptx.count("cp.reduce.async.bulk.tensor"))
 
 
 def _usage(compiled):

@@ -213,6 +213,25 @@ def test_launch_path_choice():
         assert out.stdout.split() == [str(direct)] * 2, (version, out.stdout)  # the TMA paths: 3.6 only too
 
 
+def test_direct_launch_unless_a_launch_hook_is_set(monkeypatch):
+    """_Direct leaves Triton's launch path only while no launch hook is set (a profiler's hook must be called). Triton
+    3.6's default hook is an empty HookChain, not None: taking it for a hook sent every launch down the slow path."""
+    from triton import knobs
+    monkeypatch.setattr(ta, "knobs", knobs, raising=False)  # imported by triton.py only where the direct launch runs
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "calls"):
+        assert not ta._hooked()
+        hook = lambda *args: None  # noqa: E731
+        chain.add(hook)
+        try:
+            assert ta._hooked()
+        finally:
+            chain.remove(hook)
+    for value, hooked in ((None, False), (lambda *args: None, True)):  # before HookChain: a callable or None
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", value)
+        assert ta._hooked() == hooked
+
+
 # --- the production path (autograd through the custom op, default/autotuned config) ------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", (16, 64))
@@ -495,7 +514,9 @@ def test_gpu_launch_paths_agree(monkeypatch, D):
 
 
 @gpu_only
-def test_gpu_backward_is_deterministic():
+def test_gpu_backward_is_deterministic(monkeypatch):
+    # The tl backward, which deterministic() asks for (the Gluon backward's dQ is not bitwise repeatable).
+    monkeypatch.setattr(ta, "_DETERMINISTIC", True)
     qkv, (q, k, v), do = make_inputs(4, 12, 1024, 64, torch.bfloat16, seed=0)
     first = None
     for _ in range(10):
@@ -507,8 +528,10 @@ def test_gpu_backward_is_deterministic():
 
 
 @gpu_only
-def test_gpu_compile_fullgraph_bf16():
-    x = torch.randn(4, 256, 128, device="cuda")
+# T = 256: the tl kernels; T = 4096 at D = 64 (C = 128, 2 heads): on sm_90 the Gluon backward (GLUON_BWD_MIN_T).
+@pytest.mark.parametrize("T", (256, 4096))
+def test_gpu_compile_fullgraph_bf16(T):
+    x = torch.randn(4, T, 128, device="cuda")
     y, y_ref, g, g_ref = _compiled_vs_sdpa(x, dtype=torch.bfloat16)
     torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(g, g_ref, atol=5e-2, rtol=5e-2)
@@ -576,3 +599,59 @@ def test_gpu_takes_gluon_on_sm90():
     _, (q, k, v), _ = make_inputs(2, 6, 64, 128, torch.bfloat16, seed=0)
     odd = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")[1:].view(q.shape)
     assert not ta._use_gluon(odd, k, v)  # 2 bytes off 16-byte alignment: no TMA, the tl kernel
+
+
+@sm90_only
+# T as for the forward, against the backward's 128-key program (two warpgroups of 64 keys) and 64-row query steps:
+# 1, 17, 64 (the second warpgroup's keys all past T), 65, 128, 129, 1000, 4097 (the Q/dO ring wraps many times).
+@pytest.mark.parametrize("dtype,T", [(torch.bfloat16, T) for T in (1, 17, 64, 65, 128, 129, 1000, 4097)]
+                         + [(torch.float16, 1000)], ids=str)
+@pytest.mark.parametrize("D", (64, 128))
+def test_gpu_gluon_backward(dtype, D, T):
+    """dQ, dK, dV of the Gluon backward (every element written: poisoned first) against fp64, and no worse than the
+    tl backward's; dK and dV bitwise repeatable (each written by one program), dQ (fp32 adds in any order) close."""
+    B, H = 2, 3
+    qkv, (q, k, v), do = make_inputs(B, H, T, D, dtype, seed=T + D + 7)
+    _, *ref = reference(qkv, do, H)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    o, lse = ta.attention_forward(q, k, v)
+    runs = []
+    for _ in range(2):  # the second call takes the direct launches
+        grads = [ta._bthd(x).fill_(float("nan")) for x in (q, k, v)]
+        ta._gluon_kernels().backward(do, q, k, v, o, lse, *grads)
+        runs.append(grads)
+    tl_grads = ta.attention_backward(do, q, k, v, o, lse, gluon=False)
+    for name, x, r, t in zip(("dq", "dk", "dv"), runs[0], ref, tl_grads):
+        assert_close(name, x, r, dtype, zero=T == 1 and name in ("dq", "dk"))
+        if T > 1:
+            assert rel_err(x, r) <= 1.1 * rel_err(t, r) + 1e-5, name
+    assert torch.equal(runs[1][1], runs[0][1]) and torch.equal(runs[1][2], runs[0][2])
+    torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-2, rtol=1e-2)
+
+
+@sm90_only
+@pytest.mark.parametrize("B,H,T,D", [(2, 12, 4096, 64), (4, 6, 2000, 128)])
+def test_gpu_default_backward_takes_gluon_unless_deterministic(B, H, T, D):
+    """Where GLUON_BWD_MIN_T says so, the backend's autograd backward is the Gluon kernel's (against fp64 at a
+    training-like shape); with set_deterministic(True) or torch's deterministic mode it is the tl backward, bitwise
+    repeatable."""
+    qkv, (q, k, v), do = make_inputs(B, H, T, D, torch.bfloat16, seed=B * T + D)
+    _, *ref = reference(qkv, do, H)
+    assert ta._gluon_bwd_default(q.device, D, T, q.dtype) and ta._use_gluon(q, k, v, do)
+    ta.causal_attention(q, k, v).backward(do)
+    for name, x, r in zip(("dq", "dk", "dv"), grads_of(qkv, B, H, T, D), ref):
+        assert_close(name, x, r, torch.bfloat16)
+    o, lse = ta.attention_forward(q.detach(), k.detach(), v.detach())
+    gluon = ta.attention_backward(do, q.detach(), k.detach(), v.detach(), o, lse, gluon=True)
+    tl_grads = ta.attention_backward(do, q.detach(), k.detach(), v.detach(), o, lse, gluon=False)
+    for switch in ("set_deterministic", "torch"):
+        ta.set_deterministic(switch == "set_deterministic")
+        torch.use_deterministic_algorithms(switch == "torch")
+        try:
+            assert not ta._gluon_bwd_default(q.device, D, T, q.dtype)
+            grads = ta.attention_backward(do, q.detach(), k.detach(), v.detach(), o, lse)
+        finally:
+            ta.set_deterministic(False)
+            torch.use_deterministic_algorithms(False)
+        assert all(torch.equal(a, b) for a, b in zip(grads, tl_grads))
+    assert not all(torch.equal(a, b) for a, b in zip(gluon, tl_grads))  # the default was not the tl backward

@@ -68,6 +68,7 @@ class TrainConfig:
     activation_memory_budget: float = 1.0  # torch.compile: below 1, keep that share of the activations for backward, recompute the rest (elementwise)
     bf16_params: bool = False  # bf16 parameters, gradients and activations, AdamW on fp32 masters (training/precision.py)
     overlap_steps: bool = False  # read each step's loss, norm and stop flag a step late: the host queues the next step meanwhile
+    deterministic_attention: bool = False  # triton backend: bitwise-repeatable gradients (the tl backward), even where the faster Gluon backward's dQ is not
     dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before the run fails
     # logging
     wandb: bool = False  # log to Weights & Biases (rank 0; offline when no API key is configured)
