@@ -94,6 +94,38 @@ def test_forward_choice_on_sm90(monkeypatch, D, T, dtype, gluon):
     assert ta._prefers_gluon(q, q, q) == gluon
 
 
+@pytest.mark.parametrize("D", (64, 128))
+def test_backward_choice_on_sm90(monkeypatch, D):
+    """The default backward's choice on an H100, simulated on the CPU: the Gluon kernel from GLUON_BWD_MIN_T on (at the
+    head dims listed there), the tl kernels below it, in fp32, and whenever bitwise repeatability is asked for: the
+    deterministic_attention setting (set_deterministic) or torch.use_deterministic_algorithms."""
+    monkeypatch.setattr(ta, "_INTERPRET", False)
+    monkeypatch.setattr(ta, "GLUON", True)
+    monkeypatch.setattr(ta, "_sm90", lambda device: True)
+    device = torch.device("cuda", 0)
+    min_t = ta.GLUON_BWD_MIN_T.get(D)
+    if min_t is None:  # not measured faster at this head dim: the tl backward at every T
+        assert not any(ta._gluon_bwd_default(device, D, T, torch.bfloat16) for T in (1024, 16384, 1 << 20))
+        return
+    assert ta._gluon_bwd_default(device, D, min_t, torch.bfloat16)
+    assert ta._gluon_bwd_default(device, D, 4 * min_t, torch.float16)
+    logged = ta.kernels(device, D, min_t)
+    assert "Gluon warp-specialised backward" in logged or logged.startswith("Gluon warp-specialised forward and backward")
+    assert not ta._gluon_bwd_default(device, D, min_t - 1, torch.bfloat16)
+    assert not ta._gluon_bwd_default(device, D, min_t, torch.float32)
+    ta.set_deterministic(True)
+    try:
+        assert not ta._gluon_bwd_default(device, D, min_t, torch.bfloat16)
+        assert ta.kernels(device, D, min_t).endswith(("tl backward (attention/hopper.py)", "tl forward and backward"))
+    finally:
+        ta.set_deterministic(False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not ta._gluon_bwd_default(device, D, min_t, torch.bfloat16)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_forward_choice_off_sm90(monkeypatch):
     # Other GPUs and other Triton versions take the tl kernel.
     monkeypatch.setattr(ta, "_INTERPRET", False)
