@@ -258,8 +258,8 @@ def main():
                         help="also time the causal_attention of another copy of the triton backend (its custom ops "
                              "need their own namespace)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of: " + ", ".join(SHAPES))
-    parser.add_argument("--paths", action="store_true", help="each path (triton, triton with the Gluon forward on "
-                        "sm_90, cuDNN, FlashAttention-2) per head dim and T: GPU time and eager wall "
+    parser.add_argument("--paths", action="store_true", help="each path (triton as it chooses, its tl kernels, its "
+                        "Gluon kernels on sm_90, cuDNN, FlashAttention-2) per head dim and T: GPU time and eager wall "
                         "and host time side by side: <out_dir>/attention_paths_<gpu>.json")
     parser.add_argument("--configs", action="store_true", help="survey every candidate config of every triton kernel "
                         "(and of each variant) per head dim and T instead")
