@@ -16,14 +16,31 @@ Forward, one program per (BLOCK_M query rows, batch·head), heaviest query tiles
   one masked; tiles above the diagonal are never loaded.
 
 It writes O = acc / l_i through TMA and the base-2 row logsumexp lse = m_i + log2(l_i), the same outputs as the
-portable kernel in attention/triton.py, whose backward consumes them.
+portable kernel in attention/triton.py.
+
+Backward (FlashAttention-3's layout), with delta = rowsum(dO ∘ O) and dS = P ∘ (dP - delta): one program per
+BLOCK_N = 128 keys of one (batch, head), key tile 0 (which meets every query tile) first:
+
+* the producer warp loads the program's K and V once and streams Q_i and dO_i, BLOCK_M query rows at a time from the
+  diagonal down, through a ring of STAGES slots;
+* two consumer warpgroups own 64 keys each and hold their dK and dV in registers. Per query tile they compute
+  transposed tiles (keys along rows), so that P and dS need no transpose: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
+  Pᵀ = exp2(Sᵀ - lse), dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (dPᵀ - delta), dK += dSᵀ Q; each leaves its dSᵀ in shared memory,
+  and once both have, warpgroup c computes columns c·D/2 … of dQ = dS K over the 128 keys and adds them to an fp32
+  dQ in global memory with the TMA engine's reduce-add.
+
+Five matmuls per tile (the tl backward's dQ kernel recomputes Sᵀ and dPᵀ: seven). Two small tl kernels around it
+compute delta (zeroing the fp32 dQ) and cast dQ. Memory traffic per (batch, head): K, V, dK, dV once; Q, dO, lse,
+delta once per key tile (mostly from L2); the fp32 dQ read-modify-written in L2 once per key tile. dK and dV are
+written by one program each, bitwise repeatable; dQ's fp32 additions arrive in any order, so it is not.
 
 Memory traffic per (batch, head): Q read once, K and V read once per query tile (T/BLOCK_M times, mostly from L2),
 O and lse written once. The inputs are the model's strided (B, H, T, D) views of its fused qkv projection, read
 through 4-D TMA descriptors: rows past T load as zeros and are not stored, so any T works.
 
 Gluon (triton.experimental.gluon) is experimental and its API changes between Triton releases: attention/triton.py uses
-this file on the Triton version it was tested with (its GLUON flag), on sm_90, and the portable kernel everywhere else.
+this file on the Triton version it was tested with (its GLUON flag), on sm_90, and the portable kernels everywhere
+else.
 """
 import functools
 

@@ -31,7 +31,8 @@ Hopper: on sm_90+ the forward at D = 128 reads q, k, v and writes O, and the bac
 reads q, k, v and dO, through host-side TMA tensor descriptors (4-D, over the (B, H, T, D) views; rows past T load
 as zeros and are not stored), the same kernels with TMA=True; elsewhere, and always under the interpreter unless a
 test asks, through pointers (_use_tma and _bwd_uses_tma say why). attention/hopper.py holds a warp-specialised forward
-for sm_90 in Gluon with the same outputs, which the forward takes where it was measured faster (GLUON_MIN_T).
+and backward for sm_90 in Gluon with the same outputs, which the backend takes where they were measured faster
+(GLUON_MIN_T, GLUON_BWD_MIN_T), the backward unless bitwise-repeatable gradients are asked for (deterministic()).
 
 Launches: Triton's generic launch path costs more host time than these kernels take on the GPU at the GPT-2 shape,
 so after the first (autotuning) call the compiled kernels are launched directly, on the Triton version where that
