@@ -25,14 +25,15 @@ BLOCK_N = 128 keys of one (batch, head), key tile 0 (which meets every query til
   diagonal down, through a ring of STAGES slots;
 * two consumer warpgroups own 64 keys each and hold their dK and dV in registers. Per query tile they compute
   transposed tiles (keys along rows), so that P and dS need no transpose: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
-  Pᵀ = exp2(Sᵀ - lse), dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (dPᵀ - delta), dK += dSᵀ Q; each leaves its dSᵀ in shared memory,
-  and once both have, warpgroup c computes columns c·D/2 … of dQ = dS K over the 128 keys and adds them to an fp32
-  dQ in global memory with the TMA engine's reduce-add.
+  Pᵀ = exp2(Sᵀ - lse), dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (dPᵀ - delta), dK += dSᵀ Q, and their share of dQ = dS K over their
+  own 64 keys (through dSᵀ in shared memory), which they add to an fp32 dQ in global memory with the TMA engine's
+  reduce-add.
 
 Five matmuls per tile (the tl backward's dQ kernel recomputes Sᵀ and dPᵀ: seven). Two small tl kernels around it
 compute delta (zeroing the fp32 dQ) and cast dQ. Memory traffic per (batch, head): K, V, dK, dV once; Q, dO, lse,
-delta once per key tile (mostly from L2); the fp32 dQ read-modify-written in L2 once per key tile. dK and dV are
-written by one program each, bitwise repeatable; dQ's fp32 additions arrive in any order, so it is not.
+delta once per key tile (mostly from L2); the fp32 dQ read-modify-written in L2 twice per key tile (once per
+warpgroup). dK and dV are written by one program each, bitwise repeatable; dQ's fp32 additions arrive in any order,
+so it is not.
 
 Memory traffic per (batch, head): Q read once, K and V read once per query tile (T/BLOCK_M times, mostly from L2),
 O and lse written once. The inputs are the model's strided (B, H, T, D) views of its fused qkv projection, read
@@ -257,8 +258,7 @@ def forward(q, k, v, o, lse):
 # ----------------------------------------------------------------------------------------------------------------
 # Per head dim: BLOCK_M query rows per step, STAGES of the Q/dO ring, EARLY_DV (see _bwd_step). A program owns
 # BLOCK_N = CONSUMERS·WG_ROWS keys.
-BWD_CONFIGS = {64: dict(BLOCK_M=64, STAGES=2, EARLY_DV=True, DK_SMEM=False),
-               128: dict(BLOCK_M=64, STAGES=2, EARLY_DV=False, DK_SMEM=True)}
+BWD_CONFIGS = {64: dict(BLOCK_M=64, STAGES=2, EARLY_DV=True), 128: dict(BLOCK_M=64, STAGES=2, EARLY_DV=False)}
 
 
 @builtin
@@ -292,21 +292,17 @@ def _bwd_producer(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_sm
 
 
 @gluon.jit
-def _bwd_step(C: gl.constexpr, i, dk, dv, k_smem, v, q_smem, do_smem, ds_smem, dq_tile, dq_desc, q_ready, do_ready,
-              q_empty, do_empty, ds_ready, LSE, DELTA, off_b, off_h, bh, start_n, offs_n, T, QK_SCALE: gl.constexpr,
-              BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
-              WG_ROWS: gl.constexpr, MASKED: gl.constexpr, EARLY_DV: gl.constexpr, DK_SMEM: gl.constexpr):
+def _bwd_step(i, dk, dv, k, v, q_smem, do_smem, ds_tile, dq_tile, dq_desc, q_ready, do_ready, q_empty, do_empty,
+              LSE, DELTA, off_b, off_h, bh, start_n, offs_n, T, QK_SCALE: gl.constexpr, BLOCK_M: gl.constexpr,
+              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WG_ROWS: gl.constexpr, MASKED: gl.constexpr,
+              EARLY_DV: gl.constexpr, DQ_COLS: gl.constexpr = 64):
     """One query tile against this warpgroup's WG_ROWS keys, transposed (keys along rows): Sᵀ = K Qᵀ and dPᵀ = V dOᵀ,
-    Pᵀ = exp2(Sᵀ - lse), dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (dPᵀ - delta), dK += dSᵀ Q. Each warpgroup leaves its dSᵀ in shared
-    memory; once both have (ds_ready), warpgroup C computes its HEAD_DIM / CONSUMERS columns of dQ = dS K over the
-    program's BLOCK_N keys and adds them to the fp32 dQ in global memory by TMA."""
+    Pᵀ = exp2(Sᵀ - lse), dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (dPᵀ - delta), dK += dSᵀ Q, and this warpgroup's share of
+    dQ = dS K, added to the fp32 dQ in global memory by TMA."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
     d_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
-    DQ_COLS: gl.constexpr = HEAD_DIM // CONSUMERS
-    q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, DQ_COLS, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
     dtype: gl.constexpr = q_smem.dtype
     slot = i % STAGES
@@ -317,7 +313,6 @@ def _bwd_step(C: gl.constexpr, i, dk, dv, k_smem, v, q_smem, do_smem, ds_smem, d
     lse = gl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=float("inf"))
     delta = gl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
     zero_s = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout)
-    k = k_smem.index(C).reshape([WG_ROWS, HEAD_DIM])
 
     mbarrier.wait(q_ready.index(slot), phase)
     q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
@@ -342,39 +337,35 @@ def _bwd_step(C: gl.constexpr, i, dk, dv, k_smem, v, q_smem, do_smem, ds_smem, d
         dst = (pt * (dpt - delta[None, :])).to(dtype)
         pt_op = gl.convert_layout(pt.to(dtype), op_layout)
         dv_tok = warpgroup_mma(pt_op, do, dv, is_async=True)
-    # dSᵀ goes to shared memory for dQ; the buffers alternate, so that a warpgroup a step ahead does not overwrite
-    # what the other is still reading (it cannot be two steps ahead: it waits on ds_ready).
-    buf = i % 2
-    ds_smem.index(buf * CONSUMERS + C).store(dst)
-    fence_async_shared()
-    mbarrier.arrive(ds_ready.index(buf))
-    if DK_SMEM:
-        dst_op = ds_smem.index(buf * CONSUMERS + C)
-    else:
-        dst_op = gl.convert_layout(dst, op_layout)
+    ds_tile.store(dst)
+    dst_op = gl.convert_layout(dst, op_layout)
     dk_tok = warpgroup_mma(dst_op, q, dk, is_async=True)
-    mbarrier.wait(ds_ready.index(buf), (i // 2) & 1)
-    dq_tok = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, q_layout)
-    for c in gl.static_range(CONSUMERS):
-        k_cols = k_smem.index(c).reshape([WG_ROWS, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1)
-        dq_tok = warpgroup_mma(ds_smem.index(buf * CONSUMERS + c).permute((1, 0)), k_cols, dq_tok, use_acc=c > 0,
-                               is_async=True)
-    dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok, pt_op, dst_op, q, do, ds_smem])[:3]
+    fence_async_shared()
+    # dQ = dS K in column blocks of DQ_COLS: at D = 128 a whole (BLOCK_M, D) fp32 tile on top of dK and dV does not fit
+    # the registers.
+    q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, DQ_COLS, 16])
+    dq_rows = dq_tile.reshape([BLOCK_M, HEAD_DIM])
+    tma.store_wait(0)  # the previous step's dQ has left dq_tile
+    for c in gl.static_range(HEAD_DIM // DQ_COLS):
+        k_cols = k.slice(c * DQ_COLS, DQ_COLS, dim=1)
+        dq_tok = warpgroup_mma(ds_tile.permute((1, 0)), k_cols, gl.zeros([BLOCK_M, DQ_COLS], gl.float32, q_layout),
+                               use_acc=False, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=[dq_tok, ds_tile, k_cols])[0]
+        dq_rows.slice(c * DQ_COLS, DQ_COLS, dim=1).store(dq)
+    dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, pt_op, dst_op, q, do])[:2]
     mbarrier.arrive(q_empty.index(slot))
     mbarrier.arrive(do_empty.index(slot))
-    tma.store_wait(0)  # the previous step's dQ has left dq_tile
-    dq_tile.reshape([BLOCK_M, DQ_COLS]).store(dq)
     fence_async_shared()
-    _tma_reduce_add(dq_desc, [off_b, off_h, start_m, C * DQ_COLS], dq_tile)
+    _tma_reduce_add(dq_desc, [off_b, off_h, start_m, 0], dq_tile)
     return dk, dv
 
 
 @gluon.jit
 def _bwd_consumer(C: gl.constexpr, dq_desc, dk_desc, dv_desc, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, ds_smem,
-                  dq_smem, kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, off_b, off_h, bh, start_n, n_steps,
-                  T, QK_SCALE: gl.constexpr, SM_SCALE: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, CONSUMERS: gl.constexpr, WG_ROWS: gl.constexpr, EARLY_DV: gl.constexpr,
-                  DK_SMEM: gl.constexpr):
+                  dq_smem, kv_bar, q_ready, do_ready, q_empty, do_empty, off_b, off_h, bh, start_n, n_steps, T,
+                  QK_SCALE: gl.constexpr, SM_SCALE: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  STAGES: gl.constexpr, CONSUMERS: gl.constexpr, WG_ROWS: gl.constexpr, EARLY_DV: gl.constexpr):
     """Consumer warpgroup C: dK and dV of its WG_ROWS keys, accumulated in registers over the query tiles."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
@@ -383,7 +374,9 @@ def _bwd_consumer(C: gl.constexpr, dq_desc, dk_desc, dv_desc, LSE, DELTA, k_smem
     dtype: gl.constexpr = q_smem.dtype
     k_tile = k_smem.index(C)
     v_tile = v_smem.index(C)
+    k = k_tile.reshape([WG_ROWS, HEAD_DIM])
     v = v_tile.reshape([WG_ROWS, HEAD_DIM])
+    ds_tile = ds_smem.index(C)
     dq_tile = dq_smem.index(C)
     offs_n = start_n + C * WG_ROWS + gl.arange(0, WG_ROWS, gl.SliceLayout(1, s_layout))
     dk = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, d_layout)
@@ -392,22 +385,19 @@ def _bwd_consumer(C: gl.constexpr, dq_desc, dk_desc, dv_desc, LSE, DELTA, k_smem
     # The query tiles that meet the program's diagonal block are masked; every later one is wholly below it.
     n_masked = gl.minimum(n_steps, CONSUMERS * WG_ROWS // BLOCK_M)
     for i in range(n_masked):
-        dk, dv = _bwd_step(C, i, dk, dv, k_smem, v, q_smem, do_smem, ds_smem, dq_tile, dq_desc, q_ready, do_ready,
-                           q_empty, do_empty, ds_ready, LSE, DELTA, off_b, off_h, bh, start_n, offs_n, T, QK_SCALE,
-                           BLOCK_M, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS, True, EARLY_DV, DK_SMEM)
+        dk, dv = _bwd_step(i, dk, dv, k, v, q_smem, do_smem, ds_tile, dq_tile, dq_desc, q_ready, do_ready, q_empty,
+                           do_empty, LSE, DELTA, off_b, off_h, bh, start_n, offs_n, T, QK_SCALE, BLOCK_M, HEAD_DIM,
+                           STAGES, WG_ROWS, True, EARLY_DV)
     for i in range(n_masked, n_steps):
-        dk, dv = _bwd_step(C, i, dk, dv, k_smem, v, q_smem, do_smem, ds_smem, dq_tile, dq_desc, q_ready, do_ready,
-                           q_empty, do_empty, ds_ready, LSE, DELTA, off_b, off_h, bh, start_n, offs_n, T, QK_SCALE,
-                           BLOCK_M, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS, False, EARLY_DV, DK_SMEM)
-    # dS is the gradient of the scaled scores: dK = scale · dSᵀ Q. The other warpgroup may still read this one's K for
-    # its last dQ: dK leaves through V's rows, then dV through dSᵀ's... V's rows are this warpgroup's alone.
-    tma.store_wait(0)
-    v.store((dk * SM_SCALE).to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [off_b, off_h, start_n + C * WG_ROWS, 0], v_tile)
-    tma.store_wait(0)
+        dk, dv = _bwd_step(i, dk, dv, k, v, q_smem, do_smem, ds_tile, dq_tile, dq_desc, q_ready, do_ready, q_empty,
+                           do_empty, LSE, DELTA, off_b, off_h, bh, start_n, offs_n, T, QK_SCALE, BLOCK_M, HEAD_DIM,
+                           STAGES, WG_ROWS, False, EARLY_DV)
+    # dS is the gradient of the scaled scores: dK = scale · dSᵀ Q. K and V's rows are free now: dK and dV leave
+    # through them.
+    k.store((dk * SM_SCALE).to(dtype))
     v.store(dv.to(dtype))
     fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [off_b, off_h, start_n + C * WG_ROWS, 0], k_tile)
     tma.async_copy_shared_to_global(dv_desc, [off_b, off_h, start_n + C * WG_ROWS, 0], v_tile)
     tma.store_wait(0)
 
@@ -415,8 +405,7 @@ def _bwd_consumer(C: gl.constexpr, dq_desc, dk_desc, dv_desc, LSE, DELTA, k_smem
 @gluon.jit
 def _attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, LSE, DELTA, H, T, BH,
                  QK_SCALE: gl.constexpr, SM_SCALE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                 STAGES: gl.constexpr, CONSUMERS: gl.constexpr, WG_ROWS: gl.constexpr, EARLY_DV: gl.constexpr,
-                 DK_SMEM: gl.constexpr):
+                 STAGES: gl.constexpr, CONSUMERS: gl.constexpr, WG_ROWS: gl.constexpr, EARLY_DV: gl.constexpr):
     BLOCK_N: gl.constexpr = CONSUMERS * WG_ROWS
     gl.static_assert(BLOCK_N % BLOCK_M == 0)
     tile = gl.program_id(0)  # key tile 0 meets every query tile: the heaviest come first
@@ -434,33 +423,28 @@ def _attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, LSE
     v_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + v_desc.block_type.shape, v_desc.layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
-    ds_smem = gl.allocate_shared_memory(dtype, [2 * CONSUMERS, WG_ROWS, BLOCK_M], ds_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, WG_ROWS, BLOCK_M], ds_layout)
     dq_smem = gl.allocate_shared_memory(gl.float32, [CONSUMERS] + dq_desc.block_type.shape, dq_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(s), count=1)
         mbarrier.init(do_ready.index(s), count=1)
         mbarrier.init(q_empty.index(s), count=CONSUMERS)
         mbarrier.init(do_empty.index(s), count=CONSUMERS)
-    for b in gl.static_range(2):
-        mbarrier.init(ds_ready.index(b), count=CONSUMERS)
 
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_bwd_consumer, (0, dq_desc, dk_desc, dv_desc, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, ds_smem,
-                             dq_smem, kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, off_b, off_h, bh, start_n,
-                             n_steps, T, QK_SCALE, SM_SCALE, BLOCK_M, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS, EARLY_DV,
-                             DK_SMEM)),
+                             dq_smem, kv_bar, q_ready, do_ready, q_empty, do_empty, off_b, off_h, bh, start_n, n_steps,
+                             T, QK_SCALE, SM_SCALE, BLOCK_M, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS, EARLY_DV)),
             (_bwd_consumer, (1, dq_desc, dk_desc, dv_desc, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, ds_smem,
-                             dq_smem, kv_bar, q_ready, do_ready, q_empty, do_empty, ds_ready, off_b, off_h, bh, start_n,
-                             n_steps, T, QK_SCALE, SM_SCALE, BLOCK_M, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS, EARLY_DV,
-                             DK_SMEM)),
+                             dq_smem, kv_bar, q_ready, do_ready, q_empty, do_empty, off_b, off_h, bh, start_n, n_steps,
+                             T, QK_SCALE, SM_SCALE, BLOCK_M, HEAD_DIM, STAGES, CONSUMERS, WG_ROWS, EARLY_DV)),
             (_bwd_producer, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready,
                              do_ready, q_empty, do_empty, off_b, off_h, start_n, n_steps, BLOCK_M, STAGES, CONSUMERS,
                              WG_ROWS)),
@@ -514,9 +498,9 @@ def backward(do, q, k, v, o, lse, dq, dk, dv):
     dq_acc_bhtd = dq_acc.transpose(1, 2)
     _run(_bwd_prep, base._grid(T, PREP_ROWS, B * H), (o, do, delta, dq_acc, *do.stride()[:3], H, T, B * H),
          dict(HEAD_DIM=D, BLOCK=PREP_ROWS), q.device)
-    descs = [base._Desc(x, rows, TensorDescriptor, _tile_layout(rows, cols, x.dtype), cols=cols)
-             for x, rows, cols in ((q, block_m, D), (k, WG_ROWS, D), (v, WG_ROWS, D), (do, block_m, D),
-                                   (dq_acc_bhtd, block_m, D // CONSUMERS), (dk, WG_ROWS, D), (dv, WG_ROWS, D))]
+    descs = [base._Desc(x, rows, TensorDescriptor, _tile_layout(rows, D, x.dtype))
+             for x, rows in ((q, block_m), (k, WG_ROWS), (v, WG_ROWS), (do, block_m), (dq_acc_bhtd, block_m),
+                             (dk, WG_ROWS), (dv, WG_ROWS))]
     constexprs = dict(QK_SCALE=D**-0.5 * LOG2E, SM_SCALE=D**-0.5, HEAD_DIM=D, **config, CONSUMERS=CONSUMERS,
                       WG_ROWS=WG_ROWS)
     _run(_attn_bwd_ws, base._grid(T, block_n, B * H), (*descs, lse, delta, H, T, B * H), constexprs, q.device)

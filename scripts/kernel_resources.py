@@ -88,8 +88,8 @@ def gluon_backward(head_dim, arch=90, dtype="bf16"):
     constexprs = dict(QK_SCALE=head_dim**-0.5 * hopper.LOG2E, SM_SCALE=head_dim**-0.5, HEAD_DIM=head_dim, **config,
                       CONSUMERS=hopper.CONSUMERS, WG_ROWS=hopper.WG_ROWS)
     rows, keys = config["BLOCK_M"], hopper.WG_ROWS
-    tiles = dict(q_desc=rows, k_desc=keys, v_desc=keys, do_desc=rows,
-                 dq_desc=(rows, "fp32", head_dim // hopper.CONSUMERS), dk_desc=keys, dv_desc=keys)
+    tiles = dict(q_desc=rows, k_desc=keys, v_desc=keys, do_desc=rows, dq_desc=(rows, "fp32", head_dim), dk_desc=keys,
+                 dv_desc=keys)
     return _gluon(hopper._attn_bwd_ws, head_dim, tiles, constexprs, arch, dtype)
 
 
