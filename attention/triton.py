@@ -520,6 +520,8 @@ class _Direct:
 
     def __call__(self, grid, device, args):
         stream = driver.active.get_current_stream(device.index)
+        # Triton 3.6's launch_enter_hook is a HookChain, never None: so far this always takes Triton's path, and the
+        # raw launch below has not run (KERNEL_NOTES.md, v16; its fix awaits a GPU check on branch gluon-bwd-v2).
         if self.own_path or knobs.runtime.launch_enter_hook is not None:
             c, args = self.compiled, (*_made(args), *self.constexprs)
             c.run(*grid, stream, c.function, c.packed_metadata, c.launch_metadata(grid, stream, *args),
