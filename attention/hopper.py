@@ -175,6 +175,18 @@ def _fwd_consumer(C: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bar, k
 
 
 @gluon.jit
+def _ring_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+    """The barriers of one ring of STAGES shared-memory slots: per slot, `ready` (completed by the TMA engine's byte
+    count, after the producer's expect) and `empty` (completed when each of the CONSUMERS has released the slot)."""
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=CONSUMERS)
+    return ready, empty
+
+
+@gluon.jit
 def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, H, T, BH, QK_SCALE: gl.constexpr, HEAD_DIM: gl.constexpr,
                  STAGES: gl.constexpr, CONSUMERS: gl.constexpr, WG_ROWS: gl.constexpr):
     BLOCK_N: gl.constexpr = CONSUMERS * WG_ROWS
@@ -193,17 +205,10 @@ def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, H, T, BH, QK_SCALE: gl.con
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_ready, k_empty = _ring_barriers(STAGES, CONSUMERS)
+    v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS)
     turn = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(s), count=1)
-        mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=CONSUMERS)
-        mbarrier.init(v_empty.index(s), count=CONSUMERS)
     for c in gl.static_range(CONSUMERS):
         mbarrier.init(turn.index(c), count=1)
 
@@ -426,16 +431,9 @@ def _attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, LSE
     ds_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, WG_ROWS, BLOCK_M], ds_layout)
     dq_smem = gl.allocate_shared_memory(gl.float32, [CONSUMERS] + dq_desc.block_type.shape, dq_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_ready, q_empty = _ring_barriers(STAGES, CONSUMERS)
+    do_ready, do_empty = _ring_barriers(STAGES, CONSUMERS)
     mbarrier.init(kv_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(q_ready.index(s), count=1)
-        mbarrier.init(do_ready.index(s), count=1)
-        mbarrier.init(q_empty.index(s), count=CONSUMERS)
-        mbarrier.init(do_empty.index(s), count=CONSUMERS)
 
     if CONSUMERS == 2:
         gl.warp_specialize([
