@@ -60,7 +60,7 @@ from attention import triton as base
 
 LOG2E = 1.4426950408889634
 
-# Per head dim: (BLOCK_N, STAGES of the K/V ring). Each consumer warpgroup owns WG_ROWS query rows, so a program
+# Per head dim: STAGES of the forward's K/V ring. Each consumer warpgroup owns WG_ROWS query rows, so a program
 # covers BLOCK_M = CONSUMERS·WG_ROWS rows; BLOCK_N = BLOCK_M, so that the diagonal is one tile. Shared memory:
 # Q/O rows + STAGES·2 K/V tiles, (BLOCK_M + 2·STAGES·BLOCK_N)·D·2 bytes.
 WG_ROWS = 64
