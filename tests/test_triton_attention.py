@@ -193,6 +193,37 @@ def test_folded_grid(monkeypatch, B, H):
     check_kernels(B, H, 17, 16, torch.float32, seed=B * H)
 
 
+def test_a_kept_tma_descriptor_is_one_encoding_anew_would_give(monkeypatch):
+    """The direct launch keeps each encoded TMA descriptor (_tma_args) by everything the encoding reads, so that a new
+    tensor at a freed address, with another shape, strides, dtype or tile, is encoded afresh, never given a stale
+    descriptor (which would read the wrong rows on the GPU, silently)."""
+    made = []
+
+    def encode(desc, meta):  # stands in for Triton's C encoder: records what it was given
+        made.append((desc.base.data_ptr(), tuple(desc.shape), tuple(desc.strides), tuple(desc.block_shape),
+                     desc.base.dtype))
+        return [len(made)]
+    monkeypatch.setattr(ta, "make_tensordesc_arg", encode, raising=False)
+    monkeypatch.setattr(ta, "_TMA_ARGS", {})
+    meta = {"swizzle": 3}
+    buf = torch.zeros(2 * 64 * 4 * 64)
+    x = buf.view(2, 64, 4, 64).transpose(1, 2)  # (B, H, T, D) over (B, T, H, D) memory, as the model's views
+    first = ta._tma_args(ta._Desc(x, 16), meta)
+    assert ta._tma_args(ta._Desc(x, 16), meta) is first and len(made) == 1  # the same tensor and tile: kept
+    others = [ta._Desc(x[:, :, :32], 16),  # same address, fewer rows
+              ta._Desc(buf.view(2, 4, 64, 64), 16),  # same address and shape, other strides
+              ta._Desc(x, 32),  # another tile
+              ta._Desc(buf.view(torch.int32).view(2, 64, 4, 64).transpose(1, 2), 16)]  # another dtype
+    for desc in others:
+        ta._tma_args(desc, meta)
+    assert len(made) == 5 and len(set(made)) == 5
+    assert ta._tma_args(ta._Desc(x, 16), {"swizzle": 2}) != first  # another swizzle of the same tile
+    before = len(made)
+    ta._tma_args(ta._Desc(x, 16), None)  # read through pointers: holds the tensor itself, so never kept
+    ta._tma_args(ta._Desc(x, 16), None)
+    assert len(made) == before + 2
+
+
 def test_launch_path_choice():
     # The direct CompiledKernel.run launch needs a compiled kernel, so it cannot run under the CPU interpreter:
     # here the standard launch is the one path (test_gpu_launch_paths_agree compares both on the GPU). This checks
