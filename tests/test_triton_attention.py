@@ -455,6 +455,10 @@ def test_gpu_long_rows_64bit_offsets():
         grads_ptr = ta.attention_backward(do, q, k, v, o, lse, *configs, tma=False)
         assert all(torch.equal(a, b) for a, b in zip(grads_tma, grads_ptr))
         del grads_tma, grads_ptr
+    results = {"tl": (o, dq, dk, dv)}
+    if ta._use_gluon(q, k, v, do):  # sm90: the Gluon kernels at this size too, held to the same fp64 rows
+        o_gluon, lse_gluon = ta.attention_forward(q, k, v, gluon=True)
+        results["gluon"] = (o_gluon, *ta.attention_backward(do, q, k, v, o_gluon, lse_gluon, gluon=True))
     rows = torch.tensor([0, 1, 2, T // 2, T - 3, T - 2, T - 1], device="cuda")
     last = slice(4, 7)  # rows[last] = the last three
     for h in (0, H - 1):
@@ -467,11 +471,13 @@ def test_gpu_long_rows_64bit_offsets():
         keys = rows[last]  # key j is seen by queries t >= j only: for the last keys, by the last rows alone
         ref = {"out": p @ vh, "dq": ds @ kh * D**-0.5, "dk": ds[last][:, keys].T @ qh[keys] * D**-0.5,
                "dv": p[last][:, keys].T @ doh[keys]}
-        got = {"out": o[0, h, rows], "dq": dq[0, h, rows], "dk": dk[0, h, keys], "dv": dv[0, h, keys]}
-        for name in ref:
-            assert_close(f"head {h} {name}", got[name], ref[name], dtype)
-    for name, x in (("out", o), ("dq", dq), ("dk", dk), ("dv", dv)):
-        assert torch.isfinite(x).all(), name
+        for path, (o_, dq_, dk_, dv_) in results.items():
+            got = {"out": o_[0, h, rows], "dq": dq_[0, h, rows], "dk": dk_[0, h, keys], "dv": dv_[0, h, keys]}
+            for name in ref:
+                assert_close(f"{path} head {h} {name}", got[name], ref[name], dtype)
+    for path, grads in results.items():
+        for name, x in zip(("out", "dq", "dk", "dv"), grads):
+            assert torch.isfinite(x).all(), (path, name)
 
 
 @gpu_only
