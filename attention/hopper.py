@@ -503,5 +503,5 @@ def backward(do, q, k, v, o, lse, dq, dk, dv):
                       WG_ROWS=WG_ROWS)
     _run(_attn_bwd_ws, base._grid(T, block_n, B * H), (*descs, lse, delta, H, T, B * H), constexprs, q.device)
     n = dq_acc.numel()
-    _run(_bwd_dq_cast, (triton.cdiv(n, CAST_BLOCK), 1, 1), (dq_acc, dq, n), dict(SM_SCALE=D**-0.5, BLOCK=CAST_BLOCK),
+    _run(_bwd_dq_cast, (base._cdiv(n, CAST_BLOCK), 1, 1), (dq_acc, dq, n), dict(SM_SCALE=D**-0.5, BLOCK=CAST_BLOCK),
          q.device)

@@ -458,11 +458,22 @@ def _meta(dtype, head_dim):
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
+def _cdiv(a, b):
+    """triton.cdiv, for the host: Triton 3.6 makes cdiv and next_power_of_2 constexpr functions, whose wrapper costs
+    about 2 us a call outside a kernel, and every launch needs a few."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n):
+    """triton.next_power_of_2 for n >= 1, for the host (see _cdiv)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _grid(T, rows, BH):
     """(tiles along T, Y, Z) with Y·Z >= B·H programs over batch·head (the kernels read batch·head = z·Y + y and
     skip the Y·Z - B·H < Z programs past the end): axes 1 and 2 hold at most MAX_GRID_YZ programs each."""
-    z = triton.cdiv(BH, MAX_GRID_YZ)
-    return triton.cdiv(T, rows), triton.cdiv(BH, z), z
+    z = _cdiv(BH, MAX_GRID_YZ)
+    return _cdiv(T, rows), _cdiv(BH, z), z
 
 
 # (kernel, its specialisation-relevant arguments) -> (_Direct, rows per program)
@@ -472,7 +483,7 @@ _COMPILED = {}
 def _launch(kernel, configs, config, block, B, H, T, args, dtype, D, device, **constexprs):
     """Launches `kernel` over (tiles of `block` rows, batch·head) with `args` followed by (B·H, T_BUCKET)."""
     BH = B * H
-    args = (*args, BH, triton.next_power_of_2(T))
+    args = (*args, BH, _next_power_of_2(T))
     key = (kernel, device, D, *map(_specialization, args))
     if DIRECT_LAUNCH and config is None:
         entry = _COMPILED.get(key)
