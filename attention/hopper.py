@@ -18,6 +18,10 @@ Forward, one program per (BLOCK_M query rows, batch·head), heaviest query tiles
 It writes O = acc / l_i through TMA and the base-2 row logsumexp lse = m_i + log2(l_i), the same outputs as the
 portable kernel in attention/triton.py.
 
+Memory traffic per (batch, head): Q read once, K and V read once per query tile (T/BLOCK_M times, mostly from L2),
+O and lse written once. The inputs are the model's strided (B, H, T, D) views of its fused qkv projection, read
+through 4-D TMA descriptors: rows past T load as zeros and are not stored, so any T works.
+
 Backward (FlashAttention-3's layout), with delta = rowsum(dO ∘ O) and dS = P ∘ (dP - delta): one program per
 BLOCK_N = 128 keys of one (batch, head), key tile 0 (which meets every query tile) first:
 
@@ -34,10 +38,6 @@ compute delta (zeroing the fp32 dQ) and cast dQ. Memory traffic per (batch, head
 delta once per key tile (mostly from L2); the fp32 dQ read-modify-written in L2 twice per key tile (once per
 warpgroup). dK and dV are written by one program each, bitwise repeatable; dQ's fp32 additions arrive in any order,
 so it is not.
-
-Memory traffic per (batch, head): Q read once, K and V read once per query tile (T/BLOCK_M times, mostly from L2),
-O and lse written once. The inputs are the model's strided (B, H, T, D) views of its fused qkv projection, read
-through 4-D TMA descriptors: rows past T load as zeros and are not stored, so any T works.
 
 Gluon (triton.experimental.gluon) is experimental and its API changes between Triton releases: attention/triton.py uses
 this file on the Triton version it was tested with (its GLUON flag), on sm_90, and the portable kernels everywhere
