@@ -69,6 +69,15 @@ FWD_CONFIGS = {64: 3, 128: 2}
 
 
 @gluon.jit
+def _ring_load(desc, coord, smem, ready, empty, slot, free):
+    """One TMA tile into `slot` of a ring once every consumer has released the slot's last use (`free`: the phase of
+    its empty barrier to wait for; the first pass waits on the phase before the first, which counts as complete)."""
+    mbarrier.wait(empty.index(slot), free)
+    mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, coord, ready.index(slot), smem.index(slot))
+
+
+@gluon.jit
 def _fwd_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                   off_b, off_h, start_m, n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                   CONSUMERS: gl.constexpr, WG_ROWS: gl.constexpr):
@@ -84,12 +93,8 @@ def _fwd_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready
         # before the barrier's first, which counts as complete.
         free = ((i // STAGES) & 1) ^ 1
         start_n = start_m - i * BLOCK_N
-        mbarrier.wait(k_empty.index(s), free)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [off_b, off_h, start_n, 0], k_ready.index(s), k_smem.index(s))
-        mbarrier.wait(v_empty.index(s), free)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [off_b, off_h, start_n, 0], v_ready.index(s), v_smem.index(s))
+        _ring_load(k_desc, [off_b, off_h, start_n, 0], k_smem, k_ready, k_empty, s, free)
+        _ring_load(v_desc, [off_b, off_h, start_n, 0], v_smem, v_ready, v_empty, s, free)
 
 
 @gluon.jit
@@ -288,12 +293,8 @@ def _bwd_producer(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_sm
         s = i % STAGES
         free = ((i // STAGES) & 1) ^ 1
         start_m = start_n + i * BLOCK_M
-        mbarrier.wait(q_empty.index(s), free)
-        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m, 0], q_ready.index(s), q_smem.index(s))
-        mbarrier.wait(do_empty.index(s), free)
-        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(do_desc, [off_b, off_h, start_m, 0], do_ready.index(s), do_smem.index(s))
+        _ring_load(q_desc, [off_b, off_h, start_m, 0], q_smem, q_ready, q_empty, s, free)
+        _ring_load(do_desc, [off_b, off_h, start_m, 0], do_smem, do_ready, do_empty, s, free)
 
 
 @gluon.jit
