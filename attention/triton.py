@@ -465,8 +465,8 @@ def _cdiv(a, b):
 
 
 def _next_power_of_2(n):
-    """triton.next_power_of_2 for n >= 1, for the host (see _cdiv)."""
-    return 1 << (n - 1).bit_length()
+    """triton.next_power_of_2, for the host (see _cdiv)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def _grid(T, rows, BH):
