@@ -89,8 +89,7 @@ def _fwd_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready
     for i in range(n_tiles):
         s = i % STAGES
         # A slot is free once every consumer released its previous use: K_j once S_j is computed, V_j once P_j V_j
-        # is, so K_{j+STAGES} loads while P_j V_j is still on the tensor cores. The first pass waits on the phase
-        # before the barrier's first, which counts as complete.
+        # is, so K_{j+STAGES} loads while P_j V_j is still on the tensor cores.
         free = ((i // STAGES) & 1) ^ 1
         start_n = start_m - i * BLOCK_N
         _ring_load(k_desc, [off_b, off_h, start_n, 0], k_smem, k_ready, k_empty, s, free)
