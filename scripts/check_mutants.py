@@ -33,6 +33,7 @@ class Mutant:
 
 
 T = "tests/test_timing.py::"
+E = "tests/test_hopper_emulated.py::test_forward_and_backward_match_fp64"
 MUTANTS = [
     Mutant("weight decay on the 1-D parameters instead of the matrices", "train_gpt2.py",
            "decayed[cfg.decay_all_params or p.dim() >= 2]", "decayed[cfg.decay_all_params or p.dim() < 2]",
@@ -65,6 +66,14 @@ MUTANTS = [
     Mutant("the Gluon backward (not bitwise repeatable) although deterministic gradients were asked for",
            "attention/triton.py", "and not deterministic()", "and True",
            ("tests/test_hopper_kernel.py::test_backward_choice_on_sm90",)),
+    Mutant("the Gluon forward's V slot released before its P V wgmma has finished", "attention/hopper.py",
+           "        acc = warpgroup_mma_wait(0, deps=[acc_tok, p_op, v])[0]\n        mbarrier.arrive(v_empty.index(prev))\n",
+           "        mbarrier.arrive(v_empty.index(prev))\n        acc = warpgroup_mma_wait(0, deps=[acc_tok, p_op, v])[0]\n",
+           (E,)),
+    Mutant("the Gluon forward's producer waiting for the wrong phase of a slot's release", "attention/hopper.py",
+           "        free = ((i // STAGES) & 1) ^ 1\n        start_n", "        free = (i // STAGES) & 1\n        start_n", (E,)),
+    Mutant("the Gluon backward's dQ tile rewritten before its TMA reduce-add has read it", "attention/hopper.py",
+           "    tma.store_wait(0)  # the previous step's dQ", "    # the previous step's dQ", (E,)),
     Mutant("HellaSwag skipped on this rank's own stop flag, not on what every rank agrees on", "train_gpt2.py",
            "if cfg.hellaswag and not any_rank(stop.signalled, world, device):", "if cfg.hellaswag and not stop.signalled:",
            ("tests/test_reliability.py::test_a_stop_on_one_rank_during_an_evaluation_with_hellaswag_stops_every_rank_cleanly",),

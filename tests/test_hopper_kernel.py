@@ -1,7 +1,8 @@
 """attention/hopper.py, the warp-specialised Gluon forward for sm_90, checked without a GPU: the interpreter cannot run
 Gluon, so it is compiled for sm_90a with Triton's own ptxas (scripts/kernel_resources.gluon_forward) and its
 resources and structure are checked; which inputs take it is checked on the selection logic. Its numerics are
-checked on the GPU (tests/test_triton_attention.py, the gpu_only tests), against fp64."""
+checked on the CPU by an emulator of its Gluon operations (test_hopper_emulated.py) and on the GPU
+(tests/test_triton_attention.py, the gpu tests), against fp64."""
 import os
 import subprocess
 import sys
