@@ -78,6 +78,48 @@ def _sync(blocked=None):
             raise EmulationError(f"deadlock outside warp_specialize: {blocked[1]}")
 
 
+class _Int(int):
+    """A run-time integer scalar (program ids, integer arguments, loop counters), as Gluon has it: arithmetic with it
+    stays one, a comparison gives 0 or 1 that has .to(dtype), and // and % truncate towards zero as in C."""
+
+    def to(self, dtype, **_):
+        return float(self) if dtype.is_floating_point else _Int(self)
+
+    __hash__ = int.__hash__
+
+
+def _c_div(a, b):
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+_INT_OPS = dict(add=int.__add__, sub=int.__sub__, mul=int.__mul__, floordiv=_c_div,
+                mod=lambda a, b: a - b * _c_div(a, b), and_=int.__and__, or_=int.__or__, xor=int.__xor__,
+                lshift=int.__lshift__, rshift=int.__rshift__,
+                lt=int.__lt__, le=int.__le__, gt=int.__gt__, ge=int.__ge__, eq=int.__eq__, ne=int.__ne__)
+
+
+def _int_method(op, reflected):
+    def method(self, other):
+        if type(other) is bool or not isinstance(other, int):
+            return NotImplemented  # floats, tensors: their own arithmetic
+        a, b = (int(other), int(self)) if reflected else (int(self), int(other))
+        return _Int(op(a, b))
+    return method
+
+
+for _name, _op in _INT_OPS.items():
+    _name = _name.rstrip("_")
+    setattr(_Int, f"__{_name}__", _int_method(_op, False))
+    if _name not in ("lt", "le", "gt", "ge", "eq", "ne"):
+        setattr(_Int, f"__r{_name}__", _int_method(_op, True))
+_Int.__neg__ = lambda self: _Int(-int(self))
+
+
+def _range(*args):
+    return map(_Int, range(*args))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Shared memory
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,9 +436,13 @@ class _CTA:
 
     def check_async_read(self, view, what, site):
         self.check_read(view, what, site)
-        if (view.buf.unfenced[view.ids.reshape(-1)] != -1).any():
-            raise EmulationError(f"{what} at {site} reads shared memory written by registers without "
-                                 "fence_async_shared in between")
+        writers = set(view.buf.unfenced[view.ids.reshape(-1)].tolist()) - {-1}
+        if writers:
+            who = ", ".join("the code before warp_specialize" if w == -2 else self.partitions[w].name
+                            for w in sorted(writers))
+            raise EmulationError(f"{what} at {site} reads shared memory that {who} stored from registers and has "
+                                 "not yet fenced (a missing fence_async_shared, or, from another partition, a read "
+                                 "before the barrier that should follow its fence)")
 
     def check_write(self, view, what, site):
         self.check_read(view, what, site)
@@ -506,16 +552,16 @@ def _gl_namespace():
     for name in ("BlockedLayout", "SliceLayout", "NVMMADistributedLayout", "DotOperandLayout", "NVMMASharedLayout",
                  "SwizzledSharedLayout", "DistributedLinearLayout", "AutoLayout"):
         setattr(g, name, _LAYOUT)
-    g.program_id = lambda axis: _local.cta.program[axis]
-    g.num_programs = lambda axis: _local.cta.grid[axis]
-    g.static_range = range
+    g.program_id = lambda axis: _Int(_local.cta.program[axis])
+    g.num_programs = lambda axis: _Int(_local.cta.grid[axis])
+    g.static_range = _range
     g.static_print = print
 
     def static_assert(cond, msg=""):
         if not cond:
             raise EmulationError(f"static_assert failed: {msg}")
     g.static_assert = static_assert
-    g.cdiv = lambda a, b: -(-a // b)
+    g.cdiv = lambda a, b: (a + b - 1) // b
     g.arange = lambda start, end, layout=None: torch.arange(start, end, dtype=torch.int32)
     g.zeros = lambda shape, dtype, layout=None: torch.zeros(list(shape), dtype=dtype)
     g.full = lambda shape, value, dtype, layout=None: torch.full(list(shape), value, dtype=dtype)
@@ -708,13 +754,15 @@ class Emulator:
                     shadow[name] = self.replace[id(value)]
                 elif getattr(value, "__triton_builtin__", False) and name not in self.overrides:
                     shadow[name] = _unemulated(name)
+            shadow["range"] = _range
             shadow.update(self.overrides)
-        return shadow[jit.fn.__name__]
+        fn = jit.fn
+        return types.FunctionType(fn.__code__, shadow, fn.__name__, fn.__defaults__, fn.__closure__)
 
     def launch(self, kernel, grid, args, constexprs):
         fn = self._function(kernel)
-        args = [_Desc(a) if isinstance(a, TensorDescriptor) else Ptr(a.view(-1)) if isinstance(a, torch.Tensor) else a
-                for a in args]
+        args = [_Desc(a) if isinstance(a, TensorDescriptor) else Ptr(a.view(-1)) if isinstance(a, torch.Tensor)
+                else _Int(a) if type(a) is int else a for a in args]
         grid = tuple(grid) + (1,) * (3 - len(grid))
         for z in range(grid[2]):
             for y in range(grid[1]):
