@@ -535,6 +535,12 @@ def _minmax(torch_fn, builtin):
     return f
 
 
+def _where(c, a, b):
+    if not any(isinstance(x, torch.Tensor) for x in (c, a, b)):  # scalars stay scalars
+        return a if c else b
+    return torch.where(torch.as_tensor(c).bool(), a, b)
+
+
 def _reduce(torch_fn):
     def f(x, axis=None, keep_dims=False, **_):
         if axis is None:
@@ -565,7 +571,7 @@ def _gl_namespace():
     g.arange = lambda start, end, layout=None: torch.arange(start, end, dtype=torch.int32)
     g.zeros = lambda shape, dtype, layout=None: torch.zeros(list(shape), dtype=dtype)
     g.full = lambda shape, value, dtype, layout=None: torch.full(list(shape), value, dtype=dtype)
-    g.where = lambda c, a, b: torch.where(torch.as_tensor(c), a, b)
+    g.where = _where
     g.maximum = _minmax(torch.maximum, max)
     g.minimum = _minmax(torch.minimum, min)
     g.max = _reduce(torch.amax)
