@@ -17,7 +17,9 @@ what a kernel gets wrong in its logic, not to mimic timing:
   still writing, a TMA load or a register store into shared memory that an in-flight wgmma or TMA store still reads,
   an operand changed between a wgmma's issue and its wait, shared memory written by the threads and then read by the
   async proxy (wgmma, TMA store) without fence_async_shared, out-of-bounds pointer loads and stores, a partition that
-  ends with wgmmas or TMA stores outstanding, and deadlock (every partition waiting, nothing in flight).
+  ends with wgmmas or TMA stores outstanding, a register operand of an async wgmma that no warpgroup_mma_wait lists
+  among its deps from the wgmma's completion on (nothing then stops the compiler from reusing those registers while
+  the tensor cores read them: v15's NaN, KERNEL_NOTES.md), and deadlock (every partition waiting, nothing in flight).
 
 What it does not model: layouts and register pressure (the sm_90 compile tests check those), warps within a
 partition, memory-model subtleties beyond the fence rule above, timing. Passing here is necessary, not sufficient:
@@ -379,6 +381,7 @@ class _Partition:
         self.error = None
         self.result = None
         self.mma, self.stores = [], []
+        self.unkept = []  # completed wgmmas whose register operand no wait has listed among its deps yet
         self.thread = threading.Thread(target=self._body, daemon=True)
 
     def _body(self):
@@ -391,6 +394,10 @@ class _Partition:
             if self.mma or self.stores:
                 raise EmulationError(f"{self.name} ended with {len(self.mma)} wgmma(s) and {len(self.stores)} TMA "
                                      "store(s) outstanding (a missing warpgroup_mma_wait or tma.store_wait)")
+            for t in self.unkept:
+                raise EmulationError(f"the register operand of the wgmma issued at {t.site} is in no "
+                                     "warpgroup_mma_wait's deps from its completion on: nothing keeps its registers "
+                                     "from being reused while the tensor cores read them")
         except _Abort:
             pass
         except BaseException as e:  # noqa: B036 - reported by the scheduler, in the launching thread
@@ -700,19 +707,32 @@ def warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise_
 
 
 def warpgroup_mma_wait(num_outstanding=0, deps=None):
+    if deps is None:
+        raise ValueError("warpgroup_mma_wait deps must be given")
     _sync()
     actor = _actor()
     while len(actor.mma) > num_outstanding:
-        actor.mma.pop(0).complete()
+        token = actor.mma.pop(0)
+        token.complete()
+        if isinstance(token.a, torch.Tensor):
+            actor.unkept.append(token)
+    actor.unkept = [t for t in actor.unkept if not any(d is t.a for d in deps)]
     out = []
-    for d in deps or ():
+    for d in deps:
         if isinstance(d, _Token):
             if d.value is None:
                 raise EmulationError(f"warpgroup_mma_wait at {_site()} returns the wgmma issued at {d.site}, which is "
                                      "still outstanding")
             d = d.value
         out.append(d)
-    return out
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def warpgroup_mma_init(value):
+    """An accumulator that is already complete (Gluon's warpgroup_mma_accumulator of a tensor)."""
+    token = _Token(value, value, value, False, _site())
+    token.value = value
+    return token
 
 
 # How the partitions take turns at each hand-over: a random ready one; or others first: a partition that hands over
@@ -737,7 +757,7 @@ class Emulator:
         self.gl = _gl_namespace()
         self.replace = {id(_gl): self.gl, id(_hopper.mbarrier): _mbarrier_namespace(), id(_hopper.tma): _TMA,
                         id(_hopper.warpgroup_mma): warpgroup_mma, id(_hopper.warpgroup_mma_wait): warpgroup_mma_wait,
-                        id(_hopper.fence_async_shared): self._fence}
+                        id(_hopper.warpgroup_mma_init): warpgroup_mma_init, id(_hopper.fence_async_shared): self._fence}
         self.shadows = {}
 
     @staticmethod
