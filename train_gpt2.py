@@ -156,7 +156,7 @@ def train(cfg, device, autocast, rank, local_rank, world, accum, loader, val_loa
             if flag and not stops:  # the first step that carries the request (a later one may too)
                 stops, stop_step = flag, figures.step
             if log:
-                log.step(figures.step, figures.lr, loss, grad_norm, figures.seconds)
+                log.step(figures.step, figures.lr, loss, grad_norm, figures.seconds, figures.read_at)
         if status:
             break
         if profiler:

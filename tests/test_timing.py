@@ -78,7 +78,7 @@ def test_the_eta_is_the_running_mean_of_the_steps_after_the_warm_up(tmp_path, ca
     cfg = SimpleNamespace(out_dir=str(tmp_path), wandb=False, timing_warmup=2, max_steps=10)
     log = metrics.RunLog(cfg, {}, 0, 32, 1, lambda s: None, torch.device("cpu"), None)
     for step, seconds in enumerate([30.0, 10.0, 1.0, 3.0, 2.0]):
-        log.step(step, 1e-3, 2.0, 1.0, seconds)
+        log.step(step, 1e-3, 2.0, 1.0, seconds, 0.0)
     etas = [line.rsplit("ETA ", 1)[1] for line in capsys.readouterr().out.splitlines()]
     # Steps 0-1 are the warm-up: step 0 (compilation) alone, then step 1 alone, then the mean of steps 2, 3, 4...
     expected = [9 * 30.0, 8 * 10.0, 7 * 1.0, 6 * 2.0, 5 * 2.0]

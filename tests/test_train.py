@@ -30,8 +30,8 @@ def test_three_steps_through_the_entry_point(data_dir, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "dt_ms", "tok_per_s", "tok_per_s_per_gpu", "mfu",
                             "peak_mem_gib", "time"}
-    # Each row's time is when the host had that step's figures: in order, within the run, and at least the later step's
-    # time apart (its dt runs from when the host began it, after it had the step before), plus the logging between.
+    # Each row's time is when the host had that step's figures (read right after the step's end mark on a CPU): in
+    # order, within the run, and apart by the later step's time (it runs from the earlier one's end mark).
     times = [r["time"] for r in rows]
     assert started_unix <= times[0] <= times[1] <= times[2] <= time.time()
     assert rows[2]["dt_ms"] / 1e3 - 0.005 <= times[2] - times[1] <= rows[2]["dt_ms"] / 1e3 + 0.5

@@ -153,11 +153,11 @@ class RunLog:
         self.tokens_per_step, self.mfu, self.device = tokens_per_step, mfu, device
         self.seconds = []  # this process's step times, in order: the ETA's running mean
 
-    def step(self, step, lr, loss, grad_norm, dt):
+    def step(self, step, lr, loss, grad_norm, dt, read_at):
         mem = peak_memory_gib(self.device)
         row = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, dt_ms=1e3 * dt, tok_per_s=self.tokens_per_step / dt,
                    tok_per_s_per_gpu=self.tokens_per_step / dt / self.world, mfu=self.mfu(dt), peak_mem_gib=mem,
-                   time=time.time())  # when the host had the step's figures (Unix time): lines the log up with others
+                   time=read_at)  # when the host had the step's figures (Unix time): lines the log up with others
         self.rows.append(row)
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()

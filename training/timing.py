@@ -61,6 +61,7 @@ class StepFigures:
     lr: float
     values: list  # [mean loss over the ranks, stop requests summed over the ranks, gradient norm]
     seconds: float  # the step's time
+    read_at: float  # when the host had them (Unix time)
 
 
 class Readout:
@@ -91,4 +92,5 @@ class Readout:
             return None
         step, lr, start, end, values = self.waiting.pop(0)
         self.clock.wait(end)
-        return StepFigures(step, lr, values.tolist(), self.clock.seconds(start, end))
+        values = values.tolist()
+        return StepFigures(step, lr, values, self.clock.seconds(start, end), time.time())
