@@ -109,6 +109,9 @@ MUTANTS = [
            "        dist.all_reduce(total)\n    return total.item() / (batches * world)",
            "        pass\n    return total.item() / batches",
            ("tests/test_after_training.py::test_evaluate_two_processes_equal_one",), slow=True),
+    Mutant("every rank initialised from a seed of its own (with bf16_params its fp32 masters differ)", "train_gpt2.py",
+           "    torch.manual_seed(cfg.seed)\n    torch.set_float32", "    torch.manual_seed(cfg.seed + rank)\n    torch.set_float32",
+           ("tests/test_train.py::test_two_ranks_with_bf16_params_match_one_process",), slow=True),
     Mutant("a non-finite loss not acted on", "train_gpt2.py", "if not math.isfinite(loss):", "if False:",
            ("tests/test_reliability.py::test_nan_on_one_rank_stops_every_rank_without_saving_it",), slow=True),
 ]
