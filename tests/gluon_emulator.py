@@ -126,12 +126,11 @@ def _range(*args):
 # Shared memory
 # ----------------------------------------------------------------------------------------------------------------
 class _Buffer:
-    def __init__(self, dtype, shape, site):
+    def __init__(self, dtype, shape):
         self.data = torch.full(shape, float("nan"), dtype=dtype) if dtype.is_floating_point else \
             torch.zeros(shape, dtype=dtype)  # NaN: a read of memory nobody wrote poisons what it reaches
         self.ids = torch.arange(self.data.numel()).view(shape)
         self.unfenced = torch.full((self.data.numel(),), -1, dtype=torch.int64)  # the partition that wrote it
-        self.site = site
 
 
 class SharedView:
@@ -269,7 +268,7 @@ def _store(pointer, value, mask=None, **_):
 class _BlockType:
     def __init__(self, shape, dtype):
         self.shape = list(shape)
-        self.nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = torch.Size(shape).numel() * dtype.itemsize
 
 
 class _Desc:
@@ -556,19 +555,26 @@ def _reduce(torch_fn):
     return f
 
 
+class _Namespace(types.SimpleNamespace):
+    """An emulated module: what the kernels use; anything else fails at its first use, by name."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise EmulationError(f"{name} has no emulation: add it to tests/gluon_emulator.py, or give the kernel helper "
+                             "that uses it (inline assembly, a builtin) an Emulator(overrides=...)")
+
+
 def _gl_namespace():
-    g = types.SimpleNamespace()
-    for name in ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64"):
+    g = _Namespace()
+    for name in ("float16", "bfloat16", "float32", "int32", "int64"):
         setattr(g, name, getattr(torch, name))
-    g.int1 = torch.bool
     g.constexpr = lambda x=None: x
-    for name in ("BlockedLayout", "SliceLayout", "NVMMADistributedLayout", "DotOperandLayout", "NVMMASharedLayout",
-                 "SwizzledSharedLayout", "DistributedLinearLayout", "AutoLayout"):
+    for name in ("SliceLayout", "NVMMADistributedLayout", "DotOperandLayout", "NVMMASharedLayout"):
         setattr(g, name, _LAYOUT)
     g.program_id = lambda axis: _Int(_local.cta.program[axis])
     g.num_programs = lambda axis: _Int(_local.cta.grid[axis])
     g.static_range = _range
-    g.static_print = print
 
     def static_assert(cond, msg=""):
         if not cond:
@@ -582,26 +588,17 @@ def _gl_namespace():
     g.maximum = _minmax(torch.maximum, max)
     g.minimum = _minmax(torch.minimum, min)
     g.max = _reduce(torch.amax)
-    g.min = _reduce(torch.amin)
     g.sum = _reduce(torch.sum)
-    g.exp2, g.log2, g.exp, g.log, g.sqrt, g.abs = torch.exp2, torch.log2, torch.exp, torch.log, torch.sqrt, torch.abs
-    g.fma = lambda a, b, c: a * b + c
-    g.expand_dims = lambda x, axis: x.unsqueeze(axis)
+    g.exp2, g.log2 = torch.exp2, torch.log2
     g.convert_layout = lambda x, layout, assert_trivial=False: x
     g.load = _load
     g.store = _store
-    g.thread_barrier = lambda: _sync()
-
-    def inline_asm_elementwise(asm, *args, **kwargs):
-        raise EmulationError(f"inline assembly at {_site()} has no emulation: give the function that uses it an "
-                             "override (Emulator(overrides=...))")
-    g.inline_asm_elementwise = inline_asm_elementwise
 
     def allocate_shared_memory(element_ty, shape, layout, value=None):
         site = _site()
         if isinstance(layout, _BarrierLayout):
             return _Barriers([_Barrier(site) for _ in range(torch.Size(shape).numel())])
-        buf = _Buffer(element_ty, list(shape), site)
+        buf = _Buffer(element_ty, list(shape))
         _local.cta.buffers.append(buf)
         view = SharedView(buf, buf.data, buf.ids)
         if value is not None:
@@ -619,7 +616,7 @@ def _gl_namespace():
 
 
 def _mbarrier_namespace():
-    m = types.SimpleNamespace(MBarrierLayout=_BarrierLayout)
+    m = _Namespace(MBarrierLayout=_BarrierLayout)
 
     def init(bar, count):
         bar.one().init(count)
@@ -646,7 +643,7 @@ def _mbarrier_namespace():
 
 
 def _tma_namespace():
-    t = types.SimpleNamespace()
+    t = _Namespace()
 
     def async_copy_global_to_shared(tensor_desc, coord, barrier, result, pred=True):
         _sync()
